@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torchvision
 
-from chip.models import resnet_cifar  # noqa: F401  (registers the CIFAR ResNets)
+from chip.models import resnet_cifar, vgg_cifar  # noqa: F401  (register the CIFAR models)
 from chip.models.registry import (
     ModelInfo,
     arch_input_size,
@@ -20,10 +20,12 @@ from chip.models.registry import (
     register_model,
 )
 from chip.models.resnet_cifar import BasicBlock, CifarResNet, PadShortcut
+from chip.models.vgg_cifar import CifarVGG
 
 __all__ = [
     "BasicBlock",
     "CifarResNet",
+    "CifarVGG",
     "ModelInfo",
     "PadShortcut",
     "arch_input_size",
