@@ -201,6 +201,13 @@ def test_count_on_cuda_matches_cpu():
     assert_same(before, snapshot(model))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+@pytest.mark.parametrize("measure", [count, measure_latency])
+def test_unavailable_cuda_is_a_user_error(measure):
+    with pytest.raises(ChipError, match="not available"):
+        measure(Tiny(), (1, 4, 8, 8), device="cuda")
+
+
 def test_top_level_name_is_callable_after_module_import():
     # ``from chip.count import ...`` binds the module as ``chip.count``; it must still count
     import chip.count as module

@@ -201,6 +201,8 @@ def on_device(model: nn.Module, device=None, memory_format=None) -> nn.Module:
     change is asked for; otherwise a moved deep copy, so the caller's model is never touched."""
     current, _ = _model_device_dtype(model)
     target = current if device is None else torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ChipError(f"device {str(target)!r} is not available here; expected 'cpu' or None")
     if _same_device(current, target) and memory_format is None:
         return model
     moved = copy.deepcopy(model).to(target)
