@@ -858,6 +858,7 @@ def calibration_loader(
         subset,
         batch_size=batch_size,
         shuffle=False,
+        generator=torch.Generator().manual_seed(seed),  # else iterating draws from global RNG
         num_workers=0,
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
