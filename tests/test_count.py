@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import chip
-from chip.count import CONVENTION, Counts, LayerCount, count, format_count, reduction
+from chip.counting import CONVENTION, Counts, LayerCount, count, format_count, reduction
 from chip.errors import ChipError
 from chip.latency import LatencyResult, measure_latency
 
@@ -207,15 +207,6 @@ def test_unavailable_cuda_is_a_user_error(measure):
     with pytest.raises(ChipError, match="not available"):
         measure(Tiny(), (1, 4, 8, 8), device="cuda")
 
-
-def test_top_level_name_is_callable_after_module_import():
-    # ``from chip.count import ...`` binds the module as ``chip.count``; it must still count
-    import chip.count as module
-
-    assert chip.count(Tiny(), (1, 4, 8, 8)) == module.count(Tiny(), (1, 4, 8, 8))
-
-
-# ----------------------------------------------------------------------------- output and helpers
 
 
 def test_to_dict_is_json_and_round_trips():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from chip.count import _check_input_size, _model_device_dtype, eval_mode, on_device
+from chip.counting import _check_input_size, _model_device_dtype, eval_mode, on_device
 from chip.errors import ChipError
 
 __all__ = ["LatencyResult", "measure_latency"]

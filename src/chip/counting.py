@@ -18,8 +18,6 @@ import contextlib
 import copy
 import functools
 import math
-import sys
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -288,14 +286,3 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> Counts:
         layers=tuple(layers),
     )
 
-
-class _CallableModule(types.ModuleType):
-    """``chip.count`` names both this module and the function: importing ``chip.count`` (the
-    module) makes Python bind the module as the package attribute, so calling the module must
-    behave as calling :func:`count`. (Documented module ``__class__`` customisation.)"""
-
-    def __call__(self, *args, **kwargs) -> Counts:
-        return count(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,433 @@
+"""Calibration: one streaming inference pass that scores every prunable channel.
+
+``calibrate(model, loader)`` finds the model's channel groups (:mod:`chip.groups`), hooks the
+input of every consumer layer (the tensor the pruned channels' readers see, SPEC §1), runs the
+model once over ``num_batches`` batches in eval mode under ``inference_mode`` and, inside the hooks,
+turns each batch's maps into per-sample scores (channel independence by default) that are summed
+in float64. No feature map outlives its hook call. Consumers that read the same tensor (e.g. the
+first conv of a stage and its pad shortcut) are scored once.
+
+The result, :class:`ChannelScores`, holds the mean score of every hook point and of every group
+(the mean over the group's hook points, SPEC §1 "coupled channels"). It saves to safetensors (no
+pickle) and converts to and from the reference code's ``ci_conv{k}.npy`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .errors import ChipError
+from .groups import ChannelGroup, Consumer, GroupGraph, find_groups
+from .utils import atomic_write, resolve_device, seed_everything
+
+__all__ = ["ChannelScores", "HookPoint", "calibrate", "hook_points", "reference_points", "CRITERIA"]
+
+
+def _chip_criterion(fmaps: torch.Tensor) -> torch.Tensor:
+    from .ci import channel_independence
+
+    return channel_independence(fmaps)
+
+
+def _hrank_criterion(fmaps: torch.Tensor) -> torch.Tensor:
+    from .ci import channel_rank
+
+    return channel_rank(fmaps)
+
+
+# data-driven criteria: (N, C, ...) maps -> (N, C) per-sample scores, larger = more important
+CRITERIA: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "chip": _chip_criterion,
+    "hrank": _hrank_criterion,
+}
+
+
+# modules that hand their input on unchanged: never the "producer" of a tensor
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """One tensor read by a group's consumers, labelled by the module that produced it.
+
+    The label is the deepest module whose forward returned the tensor (ties: the latest, so an
+    in-place ReLU wins over the BatchNorm before it), with ``:k`` appended when that module runs
+    several times per forward (torchvision's Bottleneck reuses one ReLU). Pass-through modules
+    (Identity, Dropout) are never producers. A tensor no module returned (e.g. a functional flatten) is labelled ``"<consumer>:input"``.
+    """
+
+    label: str
+    group: str
+    consumers: tuple[str, ...]
+
+
+def hook_points(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tensor) -> list[HookPoint]:
+    """Trace one forward pass and list every group's hook points in execution order."""
+    names = {m: n for n, m in model.named_modules() if n}
+    produced: dict[int, list[tuple[int, int, str, int]]] = {}  # id -> (depth, seq, name, call)
+    calls: dict[str, int] = {}
+    keep_alive: list[torch.Tensor] = []
+    reads: list[tuple[str, int]] = []  # (consumer, tensor id) in execution order
+    consumer_names = {c.name for g in graph for c in g.consumers}
+    seq = [0]
+
+    def on_output(module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or isinstance(module, _PASS_THROUGH):
+            return
+        name = names[module]
+        call = calls.get(name, 0)
+        calls[name] = call + 1
+        keep_alive.append(output)
+        seq[0] += 1
+        produced.setdefault(id(output), []).append((name.count(".") + 1, seq[0], name, call))
+
+    def on_input(module, inputs):
+        keep_alive.append(inputs[0])
+        reads.append((names[module], id(inputs[0])))
+
+    handles = [m.register_forward_hook(on_output) for m in names]
+    handles += [m.register_forward_pre_hook(on_input) for m, n in names.items() if n in consumer_names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+    consumer_group = {c.name: g.name for g in graph for c in g.consumers}
+    by_tensor: dict[tuple[str, int], list[str]] = {}
+    order: list[tuple[str, int]] = []
+    labels: dict[tuple[str, int], str] = {}
+    for consumer, tid in reads:
+        key = (consumer_group[consumer], tid)
+        if key not in by_tensor:
+            by_tensor[key] = []
+            order.append(key)
+            if tid in produced:
+                _, _, name, call = max(produced[tid])
+                labels[key] = f"{name}:{call}" if calls[name] > 1 else name
+            else:
+                labels[key] = f"{consumer}:input"
+        if consumer not in by_tensor[key]:
+            by_tensor[key].append(consumer)
+    return [HookPoint(labels[k], k[0], tuple(by_tensor[k])) for k in order]
+
+
+def _gather(x: torch.Tensor, consumer: Consumer) -> torch.Tensor:
+    """The group's channels out of a consumer's input: (N, C, ...) maps."""
+    if consumer.is_identity and x.dim() > 2:
+        return x
+    index = consumer.index.to(x.device)
+    if x.dim() == 2:  # linear input (N, F): each channel spans r features
+        return x[:, index]
+    return x.index_select(1, index[:, 0])
+
+
+class _Accumulator:
+    """Per-hook-point float64 score sums; owned by one calibrate call (no global state)."""
+
+    def __init__(self, points: list[HookPoint], criterion, device):
+        self.criterion = criterion
+        self.sums: dict[str, torch.Tensor | None] = {p.label: None for p in points}
+        self.counts: dict[str, int] = {p.label: 0 for p in points}
+        self.batch = 0
+        self.done: set[tuple[int, str]] = set()
+
+    def hook(self, label: str, consumer: Consumer):
+        def _hook(_module, inputs):
+            key = (self.batch, label)
+            if key in self.done:
+                return
+            self.done.add(key)
+            fmaps = _gather(inputs[0], consumer)
+            scores = self.criterion(fmaps).to(torch.float64)
+            total = scores.sum(0)
+            prev = self.sums[label]
+            self.sums[label] = total if prev is None else prev + total
+            self.counts[label] += scores.shape[0]
+
+        return _hook
+
+    def next_batch(self) -> None:
+        self.batch += 1
+        self.done.clear()
+
+
+def _split_batch(batch) -> torch.Tensor:
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "input", "inputs", "x"):
+            if key in batch:
+                return batch[key]
+    if isinstance(batch, torch.Tensor):
+        return batch
+    raise ChipError(
+        f"cannot find the inputs in a batch of type {type(batch).__name__}; "
+        "expected a tensor, an (inputs, targets) pair or a dict with an 'image' key"
+    )
+
+
+@dataclass
+class ChannelScores:
+    """Mean per-channel scores of every group and hook point of one model.
+
+    ``groups[name]`` is the (C,) float64 mean score of group ``name`` (keep the largest);
+    ``points[label]`` the mean score at one hook point; ``point_group[label]`` its group.
+    """
+
+    groups: dict[str, torch.Tensor]
+    points: dict[str, torch.Tensor] = field(default_factory=dict)
+    point_group: dict[str, str] = field(default_factory=dict)
+    num_samples: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, group: str) -> torch.Tensor:
+        return self.groups[group]
+
+    def __contains__(self, group: str) -> bool:
+        return group in self.groups
+
+    @classmethod
+    def from_points(cls, points: dict[str, torch.Tensor], point_group: dict[str, str], **kw):
+        """Group scores as the mean of each group's hook-point vectors (SPEC §1)."""
+        members: dict[str, list[torch.Tensor]] = {}
+        for label, vec in points.items():
+            members.setdefault(point_group[label], []).append(vec.to(torch.float64))
+        groups = {g: torch.stack(v).mean(0) for g, v in members.items()}
+        return cls(groups=groups, points=dict(points), point_group=dict(point_group), **kw)
+
+    # -- persistence (safetensors: tensors + JSON metadata, no pickle) ---------------------------
+    def save(self, path) -> None:
+        from safetensors.torch import save as st_save
+
+        tensors = {f"group/{k}": v.contiguous().cpu() for k, v in self.groups.items()}
+        tensors.update({f"point/{k}": v.contiguous().cpu() for k, v in self.points.items()})
+        header = {
+            "format": "chip.ChannelScores/1",
+            "point_group": json.dumps(self.point_group),
+            "num_samples": str(self.num_samples),
+            "meta": json.dumps(self.meta),
+        }
+        with atomic_write(path) as f:
+            f.write(st_save(tensors, metadata=header))
+
+    @classmethod
+    def load(cls, path) -> ChannelScores:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ChipError(f"scores file not found: {path} (expected a file written by `chip score`)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types
+            raise ChipError(f"cannot read scores file {path}: {exc} (expected safetensors)") from None
+        if header.get("format") != "chip.ChannelScores/1":
+            raise ChipError(f"{path} is not a chip scores file (expected one written by `chip score`)")
+        return cls(
+            groups={k[6:]: v for k, v in tensors.items() if k.startswith("group/")},
+            points={k[6:]: v for k, v in tensors.items() if k.startswith("point/")},
+            point_group=json.loads(header["point_group"]),
+            num_samples=int(header["num_samples"]),
+            meta=json.loads(header["meta"]),
+        )
+
+    # -- reference layout (ci_conv{k}.npy) -------------------------------------------------------
+    def export_reference(self, directory, arch: str) -> list[Path]:
+        """Write ``ci_conv{k}.npy`` in the reference's numbering for a zoo ``arch``.
+
+        Hook points the reference has but chip does not score (the last stage's final block
+        output, which chip reads through the global pool) are skipped; returns the written paths.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for k, label in enumerate(reference_points(arch), start=1):
+            if label in self.points:
+                path = directory / f"ci_conv{k}.npy"
+                with atomic_write(path) as f:
+                    np.save(f, self.points[label].cpu().numpy())
+                written.append(path)
+        return written
+
+    @classmethod
+    def from_reference(cls, directory, arch: str, points: Iterable[HookPoint]) -> ChannelScores:
+        """Read the reference's ``ci_conv{k}.npy`` files for a zoo ``arch``.
+
+        ``points`` are the model's hook points (:func:`hook_points`), which assign each file to its
+        group. Reference files chip has no hook point for are ignored.
+        """
+        directory = Path(directory)
+        files = {int(m.group(1)): p for p in directory.glob("ci_conv*.npy")
+                 if (m := re.fullmatch(r"ci_conv(\d+)\.npy", p.name))}
+        if not files:
+            raise ChipError(f"no ci_conv{{k}}.npy files in {directory} (expected the reference's CI dir)")
+        point_group = {p.label: p.group for p in points}
+        loaded = {}
+        for k, label in enumerate(reference_points(arch), start=1):
+            if k in files and label in point_group:
+                loaded[label] = torch.from_numpy(np.load(files[k], allow_pickle=False)).double()
+        return cls.from_points(
+            loaded, {lb: point_group[lb] for lb in loaded},
+            meta={"source": f"reference:{directory}", "arch": arch, "criterion": "chip"},
+        )
+
+
+def _resnet_cifar_points(n: int) -> list[str]:
+    return ["relu"] + [f"layer{s}.{b}.relu{k}" for s in (1, 2, 3) for b in range(n) for k in (1, 2)]
+
+
+_VGG_POINTS = [f"features.{m}" for m in (
+    "relu0", "pool2", "relu3", "pool5", "relu6", "relu7", "pool9", "relu10", "relu11", "pool13",
+    "relu14", "relu15")]
+
+# zoo arch -> hook points in the reference code's order (ci_conv1, ci_conv2, ...)
+_REFERENCE_POINTS: dict[str, Callable[[], list[str]]] = {
+    "resnet56": lambda: _resnet_cifar_points(9),
+    "resnet110": lambda: _resnet_cifar_points(18),
+    "vgg16_bn": lambda: list(_VGG_POINTS),
+    "resnet50": lambda: ["maxpool"] + [
+        f"layer{s}.{b}.relu:{k}" for s, blocks in zip((1, 2, 3, 4), (3, 4, 6, 3))
+        for b in range(blocks) for k in (0, 1, 2)],
+}
+
+
+def reference_points(arch: str) -> list[str]:
+    """The reference code's hooked layers for a zoo arch, in its ``ci_conv{k}`` order."""
+    try:
+        return _REFERENCE_POINTS[arch]()
+    except KeyError:
+        raise ChipError(
+            f"no reference CI layout for arch {arch!r}; expected one of {sorted(_REFERENCE_POINTS)}"
+        ) from None
+
+
+def _example_from(loader) -> torch.Tensor:
+    return _split_batch(next(iter(loader)))[:2]
+
+
+def calibrate(
+    model: nn.Module,
+    loader: Iterable,
+    num_batches: int = 5,
+    device=None,
+    seed: int | None = 0,
+    criterion: str | Callable[[torch.Tensor], torch.Tensor] = "chip",
+    graph: GroupGraph | None = None,
+    progress: bool = True,
+) -> ChannelScores:
+    """Score every prunable channel of ``model`` in one inference pass over ``loader``.
+
+    Args:
+        model: any torchvision-style CNN (left in the mode and on the device it came in).
+        loader: yields tensors, ``(inputs, targets)`` pairs or dicts with an ``image`` key.
+        num_batches: how many batches to use (the paper: 5 x 128 training images).
+        device: where to run (default: CUDA if available, else CPU).
+        seed: seeds the RNGs before the pass so augmentation in the loader is reproducible
+            (``None`` leaves them alone).
+        criterion: ``"chip"`` (channel independence), ``"hrank"`` (feature-map rank) or a callable
+            mapping (N, C, ...) maps to (N, C) per-sample scores (larger = keep).
+        graph: precomputed :func:`chip.groups.find_groups` result for this model.
+        progress: show a tqdm bar over batches.
+
+    Under ``torchrun`` the per-rank sums are all-reduced, so every rank gets the same scores.
+    """
+    if num_batches < 1:
+        raise ChipError(f"num_batches must be >= 1, got {num_batches}")
+    score_fn = CRITERIA.get(criterion) if isinstance(criterion, str) else criterion
+    if score_fn is None:
+        raise ChipError(f"unknown criterion {criterion!r}; expected one of {sorted(CRITERIA)}")
+    if seed is not None:
+        seed_everything(seed)
+    device = resolve_device(device)
+    original_device = next(iter(model.parameters())).device
+    model.to(device)
+    example = _example_from(loader).to(device)
+    graph = graph if graph is not None else find_groups(model, example)
+    points = hook_points(model, graph, example)
+    acc = _Accumulator(points, score_fn, device)
+    handles = []
+    for point in points:
+        group: ChannelGroup = graph[point.group]
+        by_name = {c.name: c for c in group.consumers}
+        for consumer in point.consumers:
+            module = model.get_submodule(consumer)
+            handles.append(module.register_forward_pre_hook(acc.hook(point.label, by_name[consumer])))
+
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        from tqdm.auto import tqdm
+
+        from .distributed import is_main_process
+
+        bar = tqdm(total=num_batches, desc="calibrate", unit="batch",
+                   disable=not progress or not is_main_process())
+        with torch.inference_mode():
+            for i, batch in enumerate(loader):
+                if i >= num_batches:
+                    break
+                x = _split_batch(batch).to(device, non_blocking=True)
+                model(x)
+                seen += x.shape[0]
+                acc.next_batch()
+                bar.update(1)
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        model.to(original_device)
+
+    sums, counts = _all_reduce(acc, device)
+    missing = [lb for lb, s in sums.items() if s is None or counts[lb] == 0]
+    if missing:
+        raise ChipError(f"hook points never ran during calibration: {missing[:5]} (is the loader empty?)")
+    means = {lb: (sums[lb] / counts[lb]).cpu() for lb in sums}
+    return ChannelScores.from_points(
+        means,
+        {p.label: p.group for p in points},
+        num_samples=int(next(iter(counts.values()))) if counts else 0,
+        meta={
+            "arch": getattr(model, "chip_arch", None),
+            "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
+            "num_batches": num_batches,
+            "samples_this_rank": seen,
+            "seed": seed,
+            "chip_version": __version__,
+            "torch_version": torch.__version__,
+        },
+    )
+
+
+def _all_reduce(acc: _Accumulator, device):
+    """Sum per-rank sums and counts across ranks (no-op outside torch.distributed)."""
+    from .distributed import all_reduce_sum, get_world_size
+
+    if get_world_size() <= 1:
+        return acc.sums, acc.counts
+    out_sums, out_counts = {}, {}
+    for label, s in acc.sums.items():
+        s = s.to(device) if s is not None else None
+        if s is None:
+            raise ChipError(f"hook point {label} received no data on this rank")
+        out_sums[label] = all_reduce_sum(s.clone())
+        out_counts[label] = int(all_reduce_sum(torch.tensor(float(acc.counts[label]), device=device)).item())
+    return out_sums, out_counts
+

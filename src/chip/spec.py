@@ -1,0 +1,452 @@
+"""Targets -> :class:`PruningPlan`: which channels of every group to keep.
+
+A target is one of
+
+* a sparsity string of the reference code (SPEC §3), e.g. ``"[0.]+[0.15]*2+[0.4]*27"``, for the
+  zoo architectures (positions are looked up in :data:`SPARSITY_LAYOUTS`);
+* a uniform rate ``0.3`` (every group loses 30 % of its channels);
+* a per-layer mapping ``{"layer1.0.conv1": 0.5, ...}`` keyed by group or producer module name
+  (groups not named are kept whole);
+* a budget ``"flops=0.5"`` / ``"macs=0.5"`` / ``"params=0.6"``: the fraction of the unpruned
+  model's MACs or params to keep. It is solved with one uniform rate for all groups, found by
+  bisection on exact analytic counts; the achieved fraction is reported in the plan.
+
+Kept widths are ``int(C * (1 - rate))`` (truncation, as the reference), at least 1, and with
+``round_to=N`` rounded to the nearest multiple of N (at least N, at most C). The kept channels of a
+group are its ``k`` highest-scoring ones, returned as ascending original indices; ties break
+towards the lower index (a stable sort on the negated score). Without scores the first ``k``
+channels are kept: the widths (and counts) are right, the choice is not meaningful.
+
+A plan is plain data: it saves to JSON, can be reviewed or edited, and is applied by
+:func:`chip.prune.apply`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .errors import ChipError
+from .groups import GroupGraph, find_groups
+from .utils import atomic_write
+
+__all__ = [
+    "GroupPlan",
+    "PruningPlan",
+    "SPARSITY_LAYOUTS",
+    "WidthCounter",
+    "parse_sparsity",
+    "parse_target",
+    "plan",
+]
+
+# -- sparsity strings ---------------------------------------------------------------------------
+
+_TERM = re.compile(r"\s*\[\s*(?P<rate>[^\]]*?)\s*\]\s*(?:\*\s*(?P<count>[^+\s]*)\s*)?")
+_RATE = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_FORM = "expected terms like [0.4] or [0.4]*27 joined by '+', rates in [0, 1)"
+
+
+def parse_sparsity(text: str) -> list[float]:
+    """Parse ``term ('+' term)*`` (term = ``[rate]`` or ``[rate]*count``) into a list of rates."""
+    if not isinstance(text, str) or not text.strip():
+        raise ChipError(f"empty sparsity string; {_FORM}")
+    rates: list[float] = []
+    for i, part in enumerate(text.split("+")):
+        m = _TERM.fullmatch(part)
+        if m is None:
+            raise ChipError(f"cannot parse sparsity term {i + 1} {part.strip()!r}; {_FORM}")
+        raw_rate, raw_count = m.group("rate"), m.group("count")
+        if not _RATE.fullmatch(raw_rate):
+            raise ChipError(f"bad rate {raw_rate!r} in sparsity term {i + 1}; {_FORM}")
+        rate = float(raw_rate)
+        if not 0.0 <= rate < 1.0:
+            raise ChipError(f"rate {rate} in sparsity term {i + 1} is outside [0, 1); {_FORM}")
+        count = 1
+        if raw_count is not None:
+            if not raw_count.isdigit() or int(raw_count) < 1:
+                raise ChipError(f"bad repeat count {raw_count!r} in sparsity term {i + 1}; "
+                                "expected a positive integer after '*'")
+            count = int(raw_count)
+        rates.extend([rate] * count)
+    return rates
+
+
+def _resnet_cifar_layout(n: int) -> list[list[str]]:
+    """[stem, stage-1 stream, stage-2 stream, one inner rate per block] (SPEC §3)."""
+    inner = [[f"layer{s}.{b}.conv1"] for s in (1, 2, 3) for b in range(n)]
+    return [[], ["conv1"], ["layer2.0.conv2"]] + inner
+
+
+def _resnet50_layout() -> list[list[str]]:
+    inner = [[f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2"]
+             for s, blocks in zip((1, 2, 3, 4), (3, 4, 6, 3)) for b in range(blocks)]
+    return [["conv1"], ["layer1.0.conv3"], ["layer2.0.conv3"], ["layer3.0.conv3"]] + inner
+
+
+_VGG_CONVS = (0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15)  # the first 12 of 13 convs (by position)
+
+# zoo arch -> for each position of the sparsity string, the groups that take that rate.
+# CIFAR ResNets: the stem conv writes the stage-1 residual stream, so the stem and the stage-1
+# stream are one coupled group that takes the *stage-1 stream* rate (position 1); the stem rate
+# (position 0) is ignored, with a warning when it is non-zero and differs. The last stream of every
+# ResNet and VGG's conv 13 are never pruned, as in the paper.
+SPARSITY_LAYOUTS: dict[str, Callable[[], list[list[str]]]] = {
+    "resnet56": lambda: _resnet_cifar_layout(9),
+    "resnet110": lambda: _resnet_cifar_layout(18),
+    "resnet20": lambda: _resnet_cifar_layout(3),
+    "resnet32": lambda: _resnet_cifar_layout(5),
+    "resnet44": lambda: _resnet_cifar_layout(7),
+    "vgg16_bn": lambda: [[f"features.conv{i}"] for i in _VGG_CONVS],
+    "resnet50": _resnet50_layout,
+}
+
+
+def _sparsity_rates(arch: str | None, text: str, graph: GroupGraph) -> dict[str, float]:
+    if arch not in SPARSITY_LAYOUTS:
+        raise ChipError(
+            f"sparsity strings need a zoo architecture ({', '.join(SPARSITY_LAYOUTS)}), got {arch!r}; "
+            "use a uniform rate, a per-layer mapping or a flops=/params= budget instead"
+        )
+    layout = SPARSITY_LAYOUTS[arch]()
+    rates = parse_sparsity(text)
+    if len(rates) != len(layout):
+        raise ChipError(
+            f"sparsity string for {arch} has {len(rates)} rates; expected exactly {len(layout)} "
+            f"({_layout_help(arch)})"
+        )
+    out: dict[str, float] = {}
+    for position, (rate, groups) in enumerate(zip(rates, layout)):
+        for name in groups:
+            if name not in graph.by_name:
+                raise ChipError(f"group {name!r} (sparsity position {position}) not found in the model; "
+                                f"is it really a {arch}?")
+            out[name] = rate
+    if arch.startswith("resnet") and arch != "resnet50" and rates[0] not in (0.0, rates[1]):
+        warnings.warn(
+            f"stem rate {rates[0]} ignored: the stem writes the stage-1 residual stream, a coupled group "
+            f"that takes the stage-1 rate {rates[1]}", stacklevel=3)
+    return out
+
+
+def _layout_help(arch: str) -> str:
+    if arch == "resnet50":
+        return "stem, 3 stream rates for stages 1-3, one inner rate per bottleneck (16)"
+    if arch == "vgg16_bn":
+        return "one rate per conv for the first 12 convs"
+    n = (len(SPARSITY_LAYOUTS[arch]()) - 3) // 3
+    return f"stem, stage-1 and stage-2 stream rates, one inner rate per block ({3 * n})"
+
+
+# -- plans ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupPlan:
+    """Channels of one group: ``channels`` before pruning, ``keep`` ascending kept indices."""
+
+    channels: int
+    keep: list[int]
+
+    @property
+    def kept(self) -> int:
+        return len(self.keep)
+
+
+@dataclass
+class PruningPlan:
+    """Which channels of every prunable group to keep (plain data; JSON round trip)."""
+
+    groups: dict[str, GroupPlan]
+    arch: str | None = None
+    input_size: tuple[int, ...] = (1, 3, 32, 32)
+    target: str = ""
+    scores_used: bool = True
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def widths(self) -> dict[str, int]:
+        """Group name -> kept channels."""
+        return {name: g.kept for name, g in self.groups.items()}
+
+    def removed(self, name: str) -> list[int]:
+        g = self.groups[name]
+        kept = set(g.keep)
+        return [i for i in range(g.channels) if i not in kept]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["format"] = "chip.PruningPlan/1"
+        d["input_size"] = list(self.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> PruningPlan:
+        if d.get("format") != "chip.PruningPlan/1":
+            raise ChipError("not a chip pruning plan (expected JSON with format 'chip.PruningPlan/1')")
+        try:
+            groups = {k: GroupPlan(int(v["channels"]), [int(i) for i in v["keep"]])
+                      for k, v in d["groups"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ChipError(f"malformed plan groups ({exc}); expected {{name: {{channels, keep}}}}") from None
+        plan_ = cls(groups=groups, arch=d.get("arch"), input_size=tuple(d.get("input_size", (1, 3, 32, 32))),
+                    target=d.get("target", ""), scores_used=bool(d.get("scores_used", True)),
+                    stats=dict(d.get("stats", {})))
+        plan_.validate()
+        return plan_
+
+    def validate(self) -> None:
+        for name, g in self.groups.items():
+            if not g.keep or len(set(g.keep)) != len(g.keep) or g.keep != sorted(g.keep) \
+                    or g.keep[0] < 0 or g.keep[-1] >= g.channels:
+                raise ChipError(f"group {name!r}: keep must be ascending unique indices in [0, "
+                                f"{g.channels}) with at least one channel")
+
+    def save(self, path) -> None:
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path) -> PruningPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise ChipError(f"plan file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ChipError(f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+
+def _kept(channels: int, rate: float, round_to: int) -> int:
+    k = max(1, int(channels * (1.0 - rate)))
+    if round_to > 1 and channels > round_to:
+        k = min(channels, max(round_to, int(round(k / round_to)) * round_to))
+    return k
+
+
+def _choose(scores: torch.Tensor | None, k: int, channels: int) -> list[int]:
+    if scores is None:
+        return list(range(k))
+    if scores.numel() != channels:
+        raise ChipError(f"scores have {scores.numel()} channels but the group has {channels}; "
+                        "were they computed on this model?")
+    order = torch.sort(-scores.double().cpu(), stable=True).indices[:k]
+    return sorted(order.tolist())
+
+
+class WidthCounter:
+    """Exact params/MACs of the model for any group widths, without pruning it.
+
+    Built from one :func:`chip.count` pass; conv/linear MACs and parameters scale with their kept
+    input and output channels, BatchNorm & co. with their kept channels. Verified against real
+    surgery in the tests.
+    """
+
+    def __init__(self, model: nn.Module, graph: GroupGraph, input_size):
+        from .counting import count
+
+        base = count(model, input_size)
+        self.base_params, self.base_macs = base.params, base.macs
+        macs: dict[str, int] = {}
+        for layer in base.layers:
+            macs[layer.name] = macs.get(layer.name, 0) + layer.macs
+        self.groups = {g.name: g.channels for g in graph}
+        self.layers = []  # (params tensors sizes, macs, out_C, in_C, groups, out-deps, in-deps, kind)
+        deps: dict[str, dict[str, list[tuple[str, int]]]] = {}
+        for g in graph:
+            for name, kind, per in g.members:
+                deps.setdefault(name, {"out": [], "in": []})[kind].append((g.name, per))
+        counted_params = 0
+        for name, module in model.named_modules():
+            if name not in deps:
+                continue
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False)]
+            counted_params += sum(p.numel() for _, p in own)
+            self.layers.append((name, module, own, macs.get(name, 0), deps[name]))
+        self.fixed_params = self.base_params - counted_params
+
+    def __call__(self, widths: Mapping[str, int]) -> tuple[int, int]:
+        removed = {g: c - widths.get(g, c) for g, c in self.groups.items()}
+        params, total_macs = self.fixed_params, 0
+        for _name, module, own, macs, dep in self.layers:
+            out_rm = sum(removed[g] * per for g, per in dep["out"])
+            in_rm = sum(removed[g] * per for g, per in dep["in"])
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                out_c = module.out_channels if hasattr(module, "out_channels") else module.out_features
+                in_c = module.in_channels if hasattr(module, "in_channels") else module.in_features
+                groups = getattr(module, "groups", 1)
+                depthwise = groups > 1 and groups == in_c
+                out_w, in_w = out_c - out_rm, in_c - in_rm
+                if depthwise:  # one input channel per group, whatever the width
+                    scale_num, scale_den = out_w, out_c
+                else:
+                    scale_num, scale_den = out_w * in_w, out_c * in_c
+                total_macs += macs * scale_num // scale_den
+                for pn, p in own:
+                    if pn == "weight":
+                        params += p.numel() * scale_num // scale_den
+                    else:  # bias
+                        params += p.numel() * out_w // out_c
+            else:
+                total_macs += macs  # norms & co. have no MACs in this convention
+                for _, p in own:  # per-channel parameters (BatchNorm weight/bias, PReLU, ...)
+                    size = p.shape[0] if p.dim() else 0
+                    params += p.numel() - (out_rm * p.numel() // size if size else 0)
+        return params, total_macs
+
+
+_BUDGET = re.compile(r"\s*(flops|macs|params)\s*=\s*(\S+)\s*")
+
+
+def parse_target(target) -> tuple[str, Any]:
+    """Classify a target: ("sparsity", str) | ("uniform", rate) | ("layers", dict) |
+    ("budget", (kind, fraction))."""
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        rate = float(target)
+        if not 0.0 <= rate < 1.0:
+            raise ChipError(f"uniform rate {rate} is outside [0, 1); expected the fraction of channels to remove")
+        return "uniform", rate
+    if isinstance(target, Mapping):
+        keys = set(target)
+        if keys and keys <= {"flops", "macs", "params"}:
+            if len(keys) != 1:
+                raise ChipError("give one budget (flops=, macs= or params=), not several")
+            (kind, frac), = target.items()
+            return parse_target(f"{kind}={frac}")
+        return "layers", dict(target)
+    if isinstance(target, str):
+        text = target.strip()
+        if text.startswith("["):
+            return "sparsity", text
+        m = _BUDGET.fullmatch(text)
+        if m:
+            kind = "macs" if m.group(1) in ("flops", "macs") else "params"
+            try:
+                frac = float(m.group(2))
+            except ValueError:
+                frac = -1.0
+            if not 0.0 < frac <= 1.0:
+                raise ChipError(f"budget {text!r}: expected a fraction of the baseline to keep in (0, 1]")
+            return "budget", (kind, frac)
+        try:
+            return parse_target(float(text))
+        except ValueError:
+            pass
+    raise ChipError(
+        f"cannot understand target {target!r}; expected a sparsity string '[0.]+[0.4]*27', a rate like 0.3, "
+        "a {layer: rate} mapping or a budget 'flops=0.5' / 'params=0.6'"
+    )
+
+
+def _layer_rates(mapping: Mapping[str, float], graph: GroupGraph) -> dict[str, float]:
+    out = {}
+    for key, rate in mapping.items():
+        name = key if key in graph.by_name else graph.group_of(key, "out")
+        if name is None:
+            raise ChipError(f"layer {key!r} is not a prunable layer; expected a group or producer name "
+                            f"such as {list(graph.by_name)[:4]}")
+        kind, value = parse_target(rate)
+        if kind != "uniform":
+            raise ChipError(f"rate for {key!r} must be a number in [0, 1), got {rate!r}")
+        out[name] = value
+    return out
+
+
+def _solve_budget(kind: str, fraction: float, graph: GroupGraph, counter: WidthCounter,
+                  round_to: int) -> tuple[float, dict[str, int]]:
+    """Largest kept fraction <= budget with one uniform rate for every group (bisection)."""
+    base = counter.base_params if kind == "params" else counter.base_macs
+    index = 0 if kind == "params" else 1
+
+    def achieved(rate: float) -> tuple[float, dict[str, int]]:
+        widths = {g.name: _kept(g.channels, rate, round_to) for g in graph}
+        return counter(widths)[index] / base, widths
+
+    lo, hi = 0.0, 1.0 - 1e-9
+    if achieved(lo)[0] <= fraction:
+        return 0.0, achieved(lo)[1]
+    if achieved(hi)[0] > fraction:
+        raise ChipError(f"{kind} budget {fraction} cannot be met: keeping one channel per group still "
+                        f"leaves {achieved(hi)[0]:.3f} of the baseline")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if achieved(mid)[0] <= fraction:
+            hi = mid
+        else:
+            lo = mid
+    return hi, achieved(hi)[1]
+
+
+def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_size=None,
+         graph: GroupGraph | None = None) -> PruningPlan:
+    """Turn channel scores and a target into a :class:`PruningPlan` (see the module docstring).
+
+    Args:
+        model: the unpruned model (zoo models carry ``chip_arch``, needed for sparsity strings).
+        scores: :class:`chip.ChannelScores` (or ``{group: tensor}``); ``None`` keeps the first k.
+        target: sparsity string, uniform rate, ``{layer: rate}`` mapping or ``"flops=0.5"`` budget.
+        round_to: kept widths become multiples of this (hardware-friendly shapes).
+        input_size: example input (N, C, H, W) for tracing and counting; zoo models know theirs.
+    """
+    arch = getattr(model, "chip_arch", None)
+    input_size = tuple(input_size) if input_size is not None else _default_input_size(model, arch)
+    if round_to < 1:
+        raise ChipError(f"round_to must be a positive integer, got {round_to}")
+    if graph is None:
+        device = next(iter(model.parameters())).device
+        graph = find_groups(model, torch.zeros(input_size, device=device))
+    counter = WidthCounter(model, graph, input_size)
+    kind, value = parse_target(target)
+    solved_rate = None
+    if kind == "sparsity":
+        rates = _sparsity_rates(arch, value, graph)
+        widths = {g.name: _kept(g.channels, rates.get(g.name, 0.0), round_to) for g in graph}
+    elif kind == "uniform":
+        widths = {g.name: _kept(g.channels, value, round_to) for g in graph}
+    elif kind == "layers":
+        rates = _layer_rates(value, graph)
+        widths = {g.name: _kept(g.channels, rates.get(g.name, 0.0), round_to) for g in graph}
+    else:
+        solved_rate, widths = _solve_budget(*value, graph, counter, round_to)
+
+    group_scores = getattr(scores, "groups", scores)
+    groups = {}
+    for g in graph:
+        s = None
+        if group_scores is not None:
+            s = group_scores.get(g.name)
+            if s is None and widths[g.name] < g.channels:
+                raise ChipError(f"no scores for group {g.name!r}, which the target prunes; "
+                                "score the model again (chip score) or keep that group whole")
+        groups[g.name] = GroupPlan(g.channels, _choose(s, widths[g.name], g.channels))
+
+    params, macs = counter(widths)
+    stats = {
+        "base_params": counter.base_params, "base_macs": counter.base_macs,
+        "params": params, "macs": macs,
+        "params_kept": params / counter.base_params, "macs_kept": macs / counter.base_macs,
+        "macs_convention": "MACs of conv+linear layers, batch 1",
+    }
+    if kind == "budget":
+        stats.update(budget_kind=value[0], budget=value[1], uniform_rate=solved_rate)
+    return PruningPlan(groups=groups, arch=arch, input_size=input_size, target=str(target),
+                       scores_used=group_scores is not None, stats=stats)
+
+
+def _default_input_size(model: nn.Module, arch: str | None) -> tuple[int, ...]:
+    if arch is not None:
+        from .models import arch_input_size
+
+        in_ch = getattr(model, "chip_kwargs", {}).get("in_channels")
+        size = tuple(arch_input_size(arch))
+        if in_ch is not None:
+            size = (in_ch,) + size[1:]
+        return (1,) + size
+    return (1, 3, 224, 224)
