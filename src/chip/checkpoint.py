@@ -111,18 +111,21 @@ def _torch_load(path: Path, unsafe_pickle: bool) -> Any:
                 "(CLI: --unsafe-pickle)"
             ) from None
         raise ChipError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ChipError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    except Exception as exc:  # corrupt files surface as many types (IndexError, EOFError, ...)
+        raise ChipError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
 
 
 def _safetensors_load(path: Path) -> Any:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ChipError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    except Exception as exc:  # SafetensorError, OSError, ...
+        raise ChipError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
 
 
 def load_state_dict_file(path: str | Path, unsafe_pickle: bool = False) -> StateDict:
