@@ -42,8 +42,9 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
         model = copy.deepcopy(model)
         graph = None
     if graph is None:
-        device = next(iter(model.parameters())).device
-        graph = find_groups(model, torch.zeros(plan.input_size, device=device))
+        first = next(iter(model.parameters()))  # trace in the model's device and dtype
+        graph = find_groups(model, torch.zeros(plan.input_size, device=first.device,
+                                               dtype=first.dtype))
     unknown = [name for name in plan.groups if name not in graph.by_name]
     if unknown:
         raise ChipError(f"plan names groups this model does not have: {unknown[:4]}; "

@@ -400,8 +400,8 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
     if round_to < 1:
         raise ChipError(f"round_to must be a positive integer, got {round_to}")
     if graph is None:
-        device = next(iter(model.parameters())).device
-        graph = find_groups(model, torch.zeros(input_size, device=device))
+        first = next(iter(model.parameters()))  # trace in the model's device and dtype
+        graph = find_groups(model, torch.zeros(input_size, device=first.device, dtype=first.dtype))
     counter = WidthCounter(model, graph, input_size)
     kind, value = parse_target(target)
     solved_rate = None
