@@ -307,6 +307,7 @@ def _tiny_resnet() -> CifarResNet:
     return model
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_jit_script_and_trace():
     model = _tiny_resnet()
     x = torch.randn(2, 3, 32, 32)
@@ -320,6 +321,7 @@ def test_jit_script_and_trace():
         torch.testing.assert_close(traced(other), model(other), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy (TorchScript) exporter
 def test_onnx_export(tmp_path):
     onnx = pytest.importorskip("onnx", reason="onnx is not installed")
     model = _tiny_resnet()
