@@ -307,7 +307,7 @@ def _tiny_resnet() -> CifarResNet:
     return model
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")  # deprecated, still supported
 def test_jit_script_and_trace():
     model = _tiny_resnet()
     x = torch.randn(2, 3, 32, 32)
