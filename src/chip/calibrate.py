@@ -41,6 +41,8 @@ def _chip_criterion(fmaps: torch.Tensor) -> torch.Tensor:
 def _hrank_criterion(fmaps: torch.Tensor) -> torch.Tensor:
     from .ci import channel_rank
 
+    if fmaps.dim() < 4:  # a linear layer's input: each channel is a 1 x r map
+        fmaps = fmaps.reshape(fmaps.shape[0], fmaps.shape[1], 1, -1)
     return channel_rank(fmaps)
 
 
@@ -166,18 +168,17 @@ class _Accumulator:
 
 
 def _split_batch(batch) -> torch.Tensor:
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("image", "images", "input", "inputs", "x"):
-            if key in batch:
-                return batch[key]
-    if isinstance(batch, torch.Tensor):
-        return batch
-    raise ChipError(
-        f"cannot find the inputs in a batch of type {type(batch).__name__}; "
-        "expected a tensor, an (inputs, targets) pair or a dict with an 'image' key"
-    )
+    x = batch
+    if isinstance(batch, (list, tuple)) and batch:
+        x = batch[0]
+    elif isinstance(batch, dict):
+        x = next((batch[k] for k in ("image", "images", "input", "inputs", "x") if k in batch), None)
+    if not isinstance(x, torch.Tensor):
+        raise ChipError(
+            f"cannot find the inputs in a batch of type {type(batch).__name__}; "
+            "expected a tensor, an (inputs, targets) pair or a dict with an 'image' key"
+        )
+    return x
 
 
 @dataclass
@@ -318,7 +319,11 @@ def reference_points(arch: str) -> list[str]:
 
 
 def _example_from(loader) -> torch.Tensor:
-    return _split_batch(next(iter(loader)))[:2]
+    try:
+        first = next(iter(loader))
+    except StopIteration:
+        raise ChipError("the calibration loader is empty; expected at least one batch of images") from None
+    return _split_batch(first)[:2]
 
 
 def calibrate(
