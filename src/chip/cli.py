@@ -1,0 +1,655 @@
+"""The ``chip`` command line (also ``python -m chip``), after torchvision's reference scripts.
+
+    chip score    --arch resnet56 --checkpoint ckpt.pt --data cifar10 --out scores.safetensors
+    chip plan     --arch resnet56 --sparsity '[0.]+[0.15]*2+[0.4]*27' [--json]
+    chip prune    --arch resnet56 --checkpoint ckpt.pt --scores scores.safetensors --flops 0.5 --out p.chip
+    chip train    --arch resnet20 --data digits --epochs 15 --out-dir runs/base
+    chip finetune --model p.chip --data cifar10 --out-dir runs/ft [--resume]
+    chip eval     --model p.chip --data cifar10 [--latency] [--json]
+    chip run      configs/demo.yaml [--data fashion-mnist] [--finetune.epochs 3]
+
+Every subcommand has a ``get_args_parser_<name>`` and a ``cmd_<name>`` (table :data:`COMMANDS`).
+User errors (bad flags, missing files, :class:`~chip.errors.ChipError`) print one line
+``chip: error: <message>`` on stderr and exit with code 2. ``finetune``, ``train``, ``eval`` and
+``score`` run under ``torchrun`` (only rank 0 prints and writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from chip.errors import ChipError
+
+__all__ = ["COMMANDS", "get_args_parser", "main", "parse_overrides"]
+
+logger = logging.getLogger("chip.cli")
+
+
+class UsageError(ChipError):
+    """Bad command-line usage (argparse's errors, unknown override keys)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become :class:`UsageError` (printed as one line by main)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        command = self.prog.partition(" ")[2]  # "chip plan" -> "plan"
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 3,32,32, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 3,32,32, got {text!r}")
+    return values
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --workers, --seed, --quiet."""
+    g = parser.add_argument_group("common")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--workers", type=int, default=0, help="data loading worker processes")
+    g.add_argument("--seed", type=int, default=0, help="seed for calibration, pruning and training")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_data_args(parser: argparse.ArgumentParser, batch_size: int | None = 128) -> None:
+    """--data, --data-dir, --image-size, --train-subset, --val-subset, --data-opt [--batch-size]."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=True, help="dataset name (digits, cifar10, fashion-mnist, ...)")
+    g.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's)")
+    g.add_argument("--image-size", type=int, default=None, help="resize images to this size")
+    g.add_argument("--train-subset", type=int, default=None, help="use at most N training images")
+    g.add_argument("--val-subset", type=int, default=None, help="evaluate on at most N images")
+    g.add_argument("--data-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dataset option (e.g. synthetic train_size=64); repeatable")
+    if batch_size is not None:
+        g.add_argument("--batch-size", type=int, default=batch_size, help="batch size")
+
+
+def add_target_args(parser: argparse.ArgumentParser, plan_file: bool = False) -> None:
+    """Exactly one of --sparsity / --rate / --flops / --params / --layers (/ --plan)."""
+    g = parser.add_argument_group("pruning target (exactly one)")
+    x = g.add_mutually_exclusive_group(required=True)
+    x.add_argument("--sparsity", help="reference sparsity string, e.g. '[0.]+[0.15]*2+[0.4]*27'")
+    x.add_argument("--rate", type=float, help="uniform fraction of channels removed per group")
+    x.add_argument("--flops", type=float, help="fraction of the baseline MACs to keep")
+    x.add_argument("--params", type=float, help="fraction of the baseline params to keep")
+    x.add_argument("--layers", type=Path, help="YAML file {group or layer name: rate}")
+    if plan_file:
+        x.add_argument("--plan", type=Path, help="plan.json written by chip plan --out")
+    g.add_argument("--round-to", type=int, default=1, help="kept widths become multiples of N")
+
+
+# TrainConfig field -> (flag type, help); booleans become store_true flags
+TRAIN_FLAGS: dict[str, tuple[Callable | None, str]] = {
+    "epochs": (int, "training epochs"),
+    "batch_size": (int, "per-process training batch size (also used for evaluation)"),
+    "lr": (float, "base learning rate"),
+    "momentum": (float, "SGD momentum"),
+    "weight_decay": (float, "weight decay on all parameters"),
+    "warmup_epochs": (int, "linear warm-up epochs"),
+    "label_smoothing": (float, "label smoothing"),
+    "schedule": (str, "lr schedule: cosine (the paper's), step, constant"),
+    "amp": (str, "mixed precision: none, bf16, fp16"),
+    "clip_grad": (float, "clip the gradient norm to this value"),
+    "nesterov": (None, "Nesterov momentum"),
+    "channels_last": (None, "channels-last memory format"),
+    "sync_bn": (None, "SyncBatchNorm under torchrun (CUDA)"),
+}
+
+
+def add_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """One flag per :data:`TRAIN_FLAGS` entry; ``defaults`` are shown in --help."""
+    g = parser.add_argument_group("training")
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is None:
+            g.add_argument(flag, action="store_true", default=None, dest=name, help=text)
+        else:
+            shown = f" (default: {defaults[name]})" if name in defaults else ""
+            g.add_argument(flag, type=kind, default=None, dest=name, help=text + shown)
+    g.add_argument("--out-dir", type=Path, required=True, help="where checkpoints and logs go")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+
+
+def _train_config(args: argparse.Namespace, defaults: dict):
+    from chip.pipeline import train_config
+
+    given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    section = {**defaults, **given}
+    cfg = {"seed": args.seed, "data": {"batch_size": section.pop("batch_size", 128)}, "x": section}
+    return train_config(cfg, "x")
+
+
+def _data(args: argparse.Namespace, train_augment: bool = True):
+    from chip.pipeline import build_data
+
+    return build_data(args.data, args.data_dir, image_size=args.image_size,
+                      train_subset=args.train_subset, val_subset=args.val_subset,
+                      options=dict(args.data_opt), seed=args.seed, train_augment=train_augment)
+
+
+def _data_info(args: argparse.Namespace):
+    from chip.pipeline import data_info
+
+    return data_info(args.data, args.data_dir, args.image_size, dict(args.data_opt))
+
+
+def _echo(text: str = "", file=None) -> None:
+    """Print on rank 0 only."""
+    from chip.distributed import is_main_process
+
+    if is_main_process():
+        print(text, file=file or sys.stdout, flush=True)
+
+
+def _model_from_args(args: argparse.Namespace, info) -> nn.Module:
+    from chip.models import create
+
+    return create(args.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                  checkpoint=getattr(args, "checkpoint", None),
+                  unsafe_pickle=getattr(args, "unsafe_pickle", False))
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:.3f}M"
+
+
+def _cut(before: int, after: int) -> str:
+    return f"-{100 * (1 - after / before):.1f}%" if before else "-"
+
+
+def _counts_lines(base_params, base_macs, params, macs, input_size) -> list[str]:
+    from chip.counting import CONVENTION
+
+    shape = "x".join(str(s) for s in input_size[1:])
+    return [
+        f"params  {_fmt_count(base_params)} -> {_fmt_count(params)}  ({_cut(base_params, params)})",
+        f"MACs    {_fmt_count(base_macs)} -> {_fmt_count(macs)}  ({_cut(base_macs, macs)})  "
+        f"[{CONVENTION}, input {shape}]",
+    ]
+
+
+@contextlib.contextmanager
+def _distributed(device):
+    """init_distributed for the duration of a command; the process group is destroyed after."""
+    from chip.distributed import cleanup, init_distributed
+
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup()
+
+
+# ------------------------------------------------------------------------------------- score
+
+
+def get_args_parser_score(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="zoo architecture, e.g. resnet56")
+    parser.add_argument("--checkpoint", type=Path, help="trained weights (state_dict file)")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow full unpickling of a trusted checkpoint")
+    add_data_args(parser, batch_size=128)
+    parser.add_argument("--batches", type=int, default=5, help="calibration batches (paper: 5)")
+    parser.add_argument("--criterion", default="chip", choices=["chip", "hrank"],
+                        help="channel independence (chip) or feature-map rank (hrank)")
+    parser.add_argument("--reference-dir", type=Path,
+                        help="also write the reference code's ci_conv{k}.npy files here")
+    parser.add_argument("--out", type=Path, required=True, help="scores file (.safetensors)")
+    add_common_args(parser)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from chip.calibrate import calibrate
+    from chip.data import calibration_loader
+    from chip.distributed import is_main_process
+
+    with _distributed(args.device) as dist:
+        train, _, info = _data(args)
+        model = _model_from_args(args, info)
+        loader = calibration_loader(train, args.batches, args.batch_size, args.seed)
+        t0 = time.perf_counter()
+        scores = calibrate(model, loader, args.batches, dist.device, args.seed, args.criterion,
+                           progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        if is_main_process():
+            scores.save(args.out)
+            if args.reference_dir is not None:
+                scores.export_reference(args.reference_dir, args.arch)
+        _echo(f"scored {len(scores.groups)} groups ({len(scores.points)} hook points) of "
+              f"{args.arch} on {scores.num_samples} {info.name} samples with {args.criterion} "
+              f"in {seconds:.1f} s -> {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- plan
+
+
+def _plan_target(args: argparse.Namespace):
+    from chip.pipeline import resolve_target
+
+    if args.layers is not None:
+        from chip.pipeline import load_config
+
+        layers = load_config(args.layers)
+        if not layers:
+            raise ChipError(f"layers file {args.layers} is empty; expected {{layer name: rate}}")
+        return resolve_target({"layers": layers})
+    kinds = ("sparsity", "rate", "flops", "params")
+    return resolve_target({k: getattr(args, k) for k in kinds})
+
+
+def _plan_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="zoo architecture, e.g. resnet56")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classifier outputs (default: the architecture's)")
+    parser.add_argument("--input-size", type=_int_list, default=None, metavar="C,H,W",
+                        help="input size (default: the architecture's, e.g. 3,32,32)")
+
+
+def _input_size(args: argparse.Namespace) -> tuple[int, ...]:
+    from chip.models import arch_input_size
+
+    size = args.input_size or arch_input_size(args.arch)
+    if len(size) < 2:
+        raise ChipError(f"--input-size needs channels and spatial sizes like 3,32,32, got {size}")
+    return (1, *size)
+
+
+def get_args_parser_plan(parser: argparse.ArgumentParser) -> None:
+    _plan_model_args(parser)
+    add_target_args(parser)
+    parser.add_argument("--scores", type=Path, help="scores from chip score (which channels to keep)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
+    parser.add_argument("--out", type=Path, help="write the plan here (JSON)")
+    add_common_args(parser)
+
+
+def _width_table(plan) -> list[str]:
+    width = max([len("group")] + [len(n) for n in plan.groups])
+    lines = [f"{'group':<{width}}  channels  kept"]
+    for name, g in plan.groups.items():
+        lines.append(f"{name:<{width}}  {g.channels:>8}  {g.kept:>4}")
+    return lines
+
+
+def _make_plan(args: argparse.Namespace, model: nn.Module, scores):
+    from chip.spec import plan
+
+    return plan(model, scores, _plan_target(args), round_to=args.round_to,
+                input_size=_input_size(args))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from chip.calibrate import ChannelScores
+    from chip.models import create
+    from chip.utils import seed_everything
+
+    seed_everything(args.seed)
+    size = _input_size(args)
+    scores = ChannelScores.load(args.scores) if args.scores is not None else None
+    model = create(args.arch, num_classes=args.num_classes, in_channels=size[1])
+    p = _make_plan(args, model, scores)
+    if scores is None:
+        print("note: no --scores given: the plan keeps the first channels of every group; which "
+              "channels are kept does not change the widths or the counts", file=sys.stderr)
+    if args.out is not None:
+        p.save(args.out)
+    s = p.stats
+    if args.json:
+        obj = {"arch": args.arch, "target": p.target, "input_size": list(size),
+               "params": s["params"], "macs": s["macs"], "base_params": s["base_params"],
+               "base_macs": s["base_macs"], "params_kept": s["params_kept"],
+               "macs_kept": s["macs_kept"], "macs_convention": s["macs_convention"],
+               "scores_used": p.scores_used, "widths": p.widths(),
+               "channels": {k: g.channels for k, g in p.groups.items()}}
+        print(json.dumps(obj))
+        return 0
+    lines = [f"{args.arch}, target {p.target}" + (f", round to {args.round_to}" if args.round_to > 1 else "")]
+    lines += _width_table(p)
+    lines += _counts_lines(s["base_params"], s["base_macs"], s["params"], s["macs"], size)
+    if args.out is not None:
+        lines.append(f"plan written to {args.out}")
+    print("\n".join(lines))
+    return 0
+
+
+# ------------------------------------------------------------------------------------- prune
+
+
+def get_args_parser_prune(parser: argparse.ArgumentParser) -> None:
+    _plan_model_args(parser)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="trained weights")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow full unpickling of a trusted checkpoint")
+    parser.add_argument("--scores", type=Path, required=True, help="scores from chip score")
+    add_target_args(parser, plan_file=True)
+    parser.add_argument("--out", type=Path, required=True, help="pruned model artifact (.chip)")
+    add_common_args(parser)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from chip.artifact import save
+    from chip.calibrate import ChannelScores
+    from chip.counting import count
+    from chip.models import create
+    from chip.prune import apply
+    from chip.spec import PruningPlan
+    from chip.utils import seed_everything
+
+    seed_everything(args.seed)
+    size = _input_size(args)
+    scores = ChannelScores.load(args.scores)
+    arch = scores.meta.get("arch")
+    if arch not in (None, args.arch):
+        raise ChipError(f"scores {args.scores} were computed on {arch}, not {args.arch}")
+    model = create(args.arch, num_classes=args.num_classes, in_channels=size[1],
+                   checkpoint=args.checkpoint, unsafe_pickle=args.unsafe_pickle)
+    if args.plan is not None:
+        p = PruningPlan.load(args.plan)
+        if p.arch not in (None, args.arch):
+            raise ChipError(f"plan {args.plan} was made for {p.arch}, not {args.arch}")
+    else:
+        p = _make_plan(args, model, scores)
+    base = count(model, size)
+    pruned = apply(model, p)
+    after = count(pruned, size)
+    save(pruned, args.out, extra={"source_checkpoint": str(args.checkpoint), "target": p.target,
+                                  "params": after.params, "macs": after.macs,
+                                  "input_size": list(size)})
+    lines = [f"pruned {args.arch} ({p.target}) -> {args.out}"]
+    lines += _counts_lines(base.params, base.macs, after.params, after.macs, size)
+    print("\n".join(lines))
+    return 0
+
+
+# ----------------------------------------------------------------------------- train/finetune
+
+
+def get_args_parser_train(parser: argparse.ArgumentParser) -> None:
+    from chip.pipeline import BASELINE_DEFAULTS
+
+    parser.add_argument("--arch", required=True, help="zoo architecture, e.g. resnet20")
+    add_data_args(parser, batch_size=None)
+    add_train_args(parser, {**_train_defaults(), **BASELINE_DEFAULTS})
+    add_common_args(parser)
+
+
+def _train_defaults() -> dict:
+    from chip.train import TrainConfig
+
+    return TrainConfig().to_dict()
+
+
+def _fit_and_save(args: argparse.Namespace, model: nn.Module, defaults: dict, extra: dict) -> int:
+    """fit() with the flags' TrainConfig, then save the best epoch as OUT_DIR/model.chip."""
+    from chip.artifact import save
+    from chip.data import build_loader
+    from chip.distributed import is_main_process
+    from chip.train import fit, load_checkpoint
+
+    tc = _train_config(args, defaults)
+    with _distributed(args.device) as dist:
+        train, val, info = _data(args)
+        train_loader = build_loader(train, tc.batch_size, train=True, workers=args.workers,
+                                    seed=tc.seed, distributed=False)
+        val_loader = build_loader(val, tc.batch_size, train=False, workers=args.workers,
+                                  distributed=False)
+        result = fit(model, train_loader, val_loader, tc, args.out_dir, device=dist.device,
+                     resume=args.resume, extra=extra, progress=not args.quiet)
+        if is_main_process():
+            load_checkpoint(args.out_dir / "best.pt", model)
+            save(model.cpu(), args.out_dir / "model.chip",
+                 extra={**extra, "best_top1": result["best_top1"],
+                        "best_epoch": result["best_epoch"], "data": info.name})
+        _echo(f"best val top-1 {result['best_top1']:.2f}% at epoch {result['best_epoch']}; "
+              f"model of that epoch -> {args.out_dir / 'model.chip'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from chip.pipeline import BASELINE_DEFAULTS
+
+    info = _data_info(args)
+    args.checkpoint = None
+    model = _model_from_args(args, info)
+    return _fit_and_save(args, model, dict(BASELINE_DEFAULTS), {"arch": args.arch})
+
+
+def get_args_parser_finetune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="pruned model (.chip)")
+    add_data_args(parser, batch_size=None)
+    add_train_args(parser, _train_defaults())
+    add_common_args(parser)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from chip.artifact import load
+
+    model = load(args.model)
+    return _fit_and_save(args, model, {}, {"source_model": str(args.model)})
+
+
+# -------------------------------------------------------------------------------------- eval
+
+
+def get_args_parser_eval(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="model artifact (.chip)")
+    src.add_argument("--arch", help="zoo architecture (with --checkpoint)")
+    parser.add_argument("--checkpoint", type=Path, help="weights for --arch")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow full unpickling of a trusted checkpoint")
+    add_data_args(parser, batch_size=256)
+    parser.add_argument("--latency", action="store_true", help="also measure inference latency")
+    parser.add_argument("--latency-batch", type=int, default=1, help="batch size for --latency")
+    parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
+    add_common_args(parser)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from chip.counting import CONVENTION, count
+    from chip.data import build_loader
+    from chip.distributed import is_main_process, shard_loader
+    from chip.train import evaluate
+
+    if args.arch is not None and args.checkpoint is None:
+        raise UsageError("eval: --arch needs --checkpoint (or pass --model X.chip)")
+    with _distributed(args.device) as dist:
+        _, val, info = _data(args, train_augment=False)
+        if args.model is not None:
+            from chip.artifact import load
+
+            model = load(args.model)
+        else:
+            model = _model_from_args(args, info)
+        size = (1, info.in_channels, *info.image_size)
+        counts = count(model, size)
+        loader = shard_loader(build_loader(val, args.batch_size, train=False, workers=args.workers,
+                                           distributed=False), train=False)
+        metrics = evaluate(model.to(dist.device), loader, dist.device)
+        result = {"model": str(args.model or args.checkpoint), "data": info.name, **metrics,
+                  "params": counts.params, "macs": counts.macs, "macs_convention": CONVENTION,
+                  "input_size": list(size)}
+        if args.latency and is_main_process():
+            from chip.latency import measure_latency
+
+            lat = measure_latency(model, (args.latency_batch, *size[1:]), device=dist.device)
+            result["latency"] = lat.to_dict()
+    if args.json:
+        _echo(json.dumps(result))
+        return 0
+    lines = [f"{result['model']} on {info.name} ({metrics['n']} images): top-1 "
+             f"{metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}",
+             f"params {_fmt_count(counts.params)}  MACs {_fmt_count(counts.macs)}  "
+             f"[{CONVENTION}, input {'x'.join(map(str, size[1:]))}]"]
+    if "latency" in result:
+        lines.append(f"latency {lat}")
+    _echo("\n".join(lines))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- run
+
+# command-line spellings -> dotted config keys
+RUN_ALIASES = {"data": "data.name", "data_dir": "data.root", "workers": "data.workers",
+               "batch_size": "data.batch_size", "image_size": "data.image_size"}
+RUN_FLAGS = ("quiet", "fresh")
+
+
+def parse_overrides(tokens: Sequence[str]) -> tuple[dict[str, Any], set[str]]:
+    """``['--finetune.epochs', '3', '--data=digits', '--quiet']`` -> (overrides, flags).
+
+    Keys use ``-`` or ``_``; values are YAML scalars coerced to the key's type. Unknown keys
+    raise :class:`UsageError` listing the valid keys.
+    """
+    from chip.pipeline import coerce_value
+
+    overrides: dict[str, Any] = {}
+    flags: set[str] = set()
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"run: unexpected argument {token!r}; expected --key value")
+        key, sep, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if key in RUN_FLAGS and not sep:
+            flags.add(key)
+            i += 1
+            continue
+        if not sep:
+            if i + 1 >= len(tokens):
+                raise UsageError(f"run: --{key} needs a value")
+            value = tokens[i + 1]
+            i += 1
+        i += 1
+        key = RUN_ALIASES.get(key, key)
+        overrides[key] = coerce_value(key, value)
+    return overrides, flags
+
+
+def get_args_parser_run(parser: argparse.ArgumentParser) -> None:
+    from chip.pipeline import valid_keys
+
+    parser.description = ("Run the whole pipeline (baseline, score, plan, prune, fine-tune, eval) "
+                          "into one run directory; finished stages are skipped on a re-run. "
+                          "Override any config key with --key value (dotted keys, e.g. "
+                          "--finetune.epochs 3; --data NAME sets data.name). Valid keys: "
+                          + ", ".join(valid_keys()))
+    parser.add_argument("config", type=Path, help="YAML config (see configs/README.md)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--fresh", action="store_true", help="redo every stage")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from chip.pipeline import load_config, merge_overrides, run
+
+    overrides, flags = parse_overrides(args.overrides)
+    cfg = merge_overrides(load_config(args.config), overrides)
+    summary_path = Path(cfg.get("out_dir") or "runs/chip") / "summary.md"
+    run(cfg, progress=not (args.quiet or "quiet" in flags), fresh=args.fresh or "fresh" in flags)
+    print(summary_path.read_text(), end="")
+    print(f"run directory: {summary_path.parent}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- main
+
+# name -> (add arguments, run, one-line help)
+COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] = {
+    "score": (get_args_parser_score, cmd_score, "score every prunable channel on calibration data"),
+    "plan": (get_args_parser_plan, cmd_plan, "dry run: widths and params/MACs of a target"),
+    "prune": (get_args_parser_prune, cmd_prune, "plan + apply: write a pruned model artifact"),
+    "train": (get_args_parser_train, cmd_train, "train a baseline from scratch"),
+    "finetune": (get_args_parser_finetune, cmd_finetune, "fine-tune a pruned model"),
+    "eval": (get_args_parser_eval, cmd_eval, "accuracy, params, MACs (and latency) of a model"),
+    "run": (get_args_parser_run, cmd_run, "the whole pipeline from a YAML config"),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The ``chip`` parser with one subparser per :data:`COMMANDS` entry."""
+    from chip import __version__
+
+    parser = _Parser(prog="chip", description="CHIP: channel independence-based pruning")
+    parser.add_argument("--version", action="version", version=f"chip {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (add_args, fn, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        add_args(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"chip: warning: {_one_line(Warning(str(message)))}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``chip``; returns the exit status (2 on user errors)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = get_args_parser().parse_args(argv)
+            return int(args.func(args) or 0)
+    except ChipError as exc:
+        print(f"chip: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `chip plan ... | head`: stop quietly
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep the interpreter's flush quiet
+        return 1
+    except OSError as exc:  # missing/unwritable files not caught as ChipError upstream
+        print(f"chip: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
