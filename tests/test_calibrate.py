@@ -11,7 +11,7 @@ import torch.nn as nn
 import torchvision
 
 import chip
-from chip.calibrate import ChannelScores, calibrate, hook_points, reference_points
+from chip.calibration import ChannelScores, calibrate, hook_points, reference_points
 from chip.ci import channel_independence_oracle
 from chip.errors import ChipError
 from chip.groups import find_groups

@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 _API = {
     "ChipError": "chip.errors",
     "channel_independence": "chip.ci",
-    "calibrate": "chip.calibrate",
-    "ChannelScores": "chip.calibrate",
+    "calibrate": "chip.calibration",
+    "ChannelScores": "chip.calibration",
     "find_groups": "chip.groups",
     "ChannelGroup": "chip.groups",
     "plan": "chip.spec",
