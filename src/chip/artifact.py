@@ -1,7 +1,7 @@
 """Pruned-model artifacts that rebuild without pickled code, plus TorchScript / ONNX export.
 
-:func:`save` writes ONE safetensors file: the ``state_dict`` tensors and a JSON header naming how
-to rebuild the module::
+:func:`save` writes ONE safetensors file: the ``state_dict`` tensors and, as the only metadata
+entry (key ``"chip.artifact"``), a JSON header naming how to rebuild the module::
 
     {"format": "chip.artifact", "format_version": 1,
      "arch": "resnet56", "kwargs": {"num_classes": 10, "in_channels": 3},
@@ -58,8 +58,9 @@ __all__ = [
 
 FORMAT = "chip.artifact"
 FORMAT_VERSION = 1
-_TAG = f"{FORMAT}/{FORMAT_VERSION}"  # safetensors metadata "format" value
-_META_KEY = "chip.artifact"  # safetensors metadata key holding the JSON header
+# the ONLY safetensors metadata key (one key keeps the file bytes deterministic: safetensors
+# writes its metadata map in hash order); its value is the JSON header
+_META_KEY = "chip.artifact"
 _CHECK_PREFIX = "__chip_check__."  # tensor-name prefix of the saved non-persistent buffers
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _BUILDER = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -92,7 +93,7 @@ def save(model: nn.Module, path, *, extra: Mapping[str, Any] | None = None,
     header["check_buffers"] = checks
     from safetensors.torch import save as st_save
 
-    blob = st_save(tensors, metadata={"format": _TAG, _META_KEY: _json(header, "header")})
+    blob = st_save(tensors, metadata={_META_KEY: _json(header, "header")})
     path = Path(path)
     with atomic_write(path) as f:
         f.write(blob)
@@ -182,12 +183,6 @@ def _read_header(path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = table.pop("__metadata__", None) if isinstance(table, dict) else None
     if not isinstance(meta, dict) or _META_KEY not in meta:
         raise ChipError(f"{path} is not a chip artifact (no chip metadata); {_NOT_ARTIFACT}")
-    tag, _, version = str(meta.get("format", "")).partition("/")
-    if tag != FORMAT or not version.isdigit():
-        raise ChipError(f"{path} has unknown format {meta.get('format')!r}; {_NOT_ARTIFACT}")
-    if int(version) > FORMAT_VERSION:
-        raise ChipError(f"{path} uses artifact format version {version}, newer than this chip "
-                        f"reads ({FORMAT_VERSION}); upgrade chip")
     try:
         header = json.loads(meta[_META_KEY])
         end = max((int(v["data_offsets"][1]) for v in table.values()), default=0)
@@ -195,6 +190,12 @@ def _read_header(path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ChipError(f"{path} has a corrupt chip header; {_NOT_ARTIFACT}") from None
     if not isinstance(header, dict):
         raise ChipError(f"{path} has a corrupt chip header; {_NOT_ARTIFACT}")
+    version = header.get("format_version")
+    if header.get("format") != FORMAT or isinstance(version, bool) or not isinstance(version, int):
+        raise ChipError(f"{path} has unknown format {header.get('format')!r}; {_NOT_ARTIFACT}")
+    if version > FORMAT_VERSION:
+        raise ChipError(f"{path} uses artifact format version {version}, newer than this chip "
+                        f"reads ({FORMAT_VERSION}); upgrade chip")
     if 8 + n + end != size:
         raise ChipError(f"{path} is truncated or corrupt: {size} bytes, header says {8 + n + end}")
     return header, table
