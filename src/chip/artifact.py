@@ -110,7 +110,7 @@ def _header(model: nn.Module, extra, builder, builder_kwargs) -> dict[str, Any]:
     elif arch is None:
         raise ChipError(
             f"cannot save {type(model).__name__} without code: it is not a chip zoo model (no "
-            "chip_arch); use chip.export_torchscript / chip.export_onnx, or pass "
+            "chip_arch); use chip.artifact.export_torchscript / export_onnx, or pass "
             "builder='package.module:function' that builds the unpruned model")
     else:
         from .models import get_model_info
