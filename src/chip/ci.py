@@ -45,6 +45,8 @@ _STEP = 0.3
 _U_HI = 6.0
 # First node sits this far (in u) below the square root of the eigenvalue cut-off.
 _U_LO_MARGIN = 7.0
+# Null weights 1 - leverage below this are recomputed from a sum of squares (no cancellation).
+_REFINE_BELOW = 1e-6
 # Working-set budget (bytes of float64 temporaries) used to pick a default chunk size.
 _CHUNK_BYTES = 128 * 2**20
 
@@ -64,7 +66,15 @@ def _as_matrices(fmaps: torch.Tensor, name: str = "fmaps") -> torch.Tensor:
     if fmaps.is_floating_point() and not bool(torch.isfinite(fmaps).all()):
         raise ChipError(f"{name} contains NaN or Inf values; expected finite feature maps "
                         f"(check the model and inputs for overflow)")
-    return fmaps.detach().reshape(fmaps.shape[0], fmaps.shape[1], -1)
+    return fmaps.detach().reshape(*fmaps.shape[:2], math.prod(fmaps.shape[2:]))
+
+
+def _check_chunk(chunk_size: int | None) -> int | None:
+    """Validate a user-given ``chunk_size`` (a positive int or ``None``)."""
+    valid = isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1
+    if chunk_size is not None and not valid:
+        raise ChipError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return chunk_size
 
 
 def _default_chunk(channels: int, length: int, nodes: int) -> int:
@@ -92,22 +102,43 @@ def _spectral_weights(a: torch.Tensor):
 
     Returns ``(lam, w, w0)``: eigenvalues ``lam`` (B, K) with values below the cut-off set to 0,
     weights ``w`` (B, C, K) with ``sum_k w[b, i, k] + w0[b, i] = 1``, null weight ``w0`` (B, C).
+    Uses the smaller of the two Gram matrices, ``K = min(C, M)``.
     """
     channels, length = a.shape[1], a.shape[2]
-    if channels <= length:
-        lam, vecs = torch.linalg.eigh(a @ a.mT)
-        w = vecs.square()
-        w0 = torch.zeros(a.shape[:2], dtype=a.dtype, device=a.device)
-    else:  # rank-deficient: the HW x HW Gram and a rank-one downdate per channel
-        lam, vecs = torch.linalg.eigh(a.mT @ a)
+    gram = a @ a.mT if channels <= length else a.mT @ a
+    lam, vecs = torch.linalg.eigh(gram)
     cutoff = lam[:, -1:].clamp(min=0) * _rel_cutoff(channels, length)
     kept = lam > cutoff
     lam = torch.where(kept, lam, torch.zeros_like(lam))
-    if channels > length:
-        proj = (a @ vecs).square()
-        w = torch.where(kept[:, None, :], proj / torch.where(kept, lam, 1.0)[:, None, :], 0.0)
-        w0 = (1.0 - w.sum(-1)).clamp(min=0.0)
+    if channels <= length:
+        # w_ik = U_ik^2; weights on the zeroed eigenvalues act as the null weight
+        return lam, vecs.square(), torch.zeros(a.shape[:2], dtype=a.dtype, device=a.device)
+    # HW < C: A = Z diag(sqrt(l)) V^T, so w_ik = Z_ik^2 with Z = A V diag(l)^(-1/2) (kept k only)
+    # and w0_i = 1 - ||Z_i||^2 (one minus the leverage of row i; a rank-one downdate of A^T A).
+    z = (a @ vecs) * torch.where(kept, lam, 1.0).rsqrt().mul_(kept)[:, None, :]
+    w = z.square()
+    lev = w.sum(-1)
+    w0 = (1.0 - lev).clamp_(min=0.0)
+    _refine_null_weights(z, lev, w0)
     return lam, w, w0
+
+
+def _refine_null_weights(z: torch.Tensor, lev: torch.Tensor, w0: torch.Tensor) -> None:
+    """Recompute small null weights ``w0 = 1 - lev`` without cancellation (in place).
+
+    ``P = Z Z^T`` projects onto the column space of ``A``, so ``P_ii - P_ii^2 = sum_{j!=i} P_ij^2``
+    and ``1 - P_ii = sum_{j!=i} P_ij^2 / P_ii``: a sum of squares, exact to roundoff even where
+    row ``i`` is (nearly) outside the span of the other rows and ``1 - P_ii`` would cancel.
+    Only rows with ``w0 < _REFINE_BELOW`` are refined (there ``1 - P_ii`` has lost most of its
+    digits); at most ``rank(A)`` rows qualify, so this costs at most one ``C x M x M`` product
+    per sample and nothing at all for generic maps.
+    """
+    small = (w0 < _REFINE_BELOW) & (lev > 0)
+    for b in torch.nonzero(small.any(-1)).flatten().tolist():
+        rows = torch.nonzero(small[b]).flatten()
+        hat = z[b, rows] @ z[b].mT                                          # (R, C)
+        hat[torch.arange(rows.numel(), device=z.device), rows] = 0.0
+        w0[b, rows] = hat.square().sum(-1) / lev[b, rows]
 
 
 def _ci_chunk(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -161,9 +192,7 @@ def channel_independence(fmaps: torch.Tensor, *, chunk_size: int | None = None) 
     if out.numel() == 0 or length == 0:
         return out
     u = _u_grid(channels, length, x.device)
-    step = chunk_size or _default_chunk(channels, length, u.numel())
-    if step < 1:
-        raise ChipError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    step = _check_chunk(chunk_size) or _default_chunk(channels, length, u.numel())
     for start in range(0, n, step):
         out[start:start + step] = _ci_chunk(x[start:start + step].to(torch.float64), u)
     return out
@@ -213,8 +242,7 @@ def channel_rank(fmaps: torch.Tensor, *, chunk_size: int | None = None) -> torch
     out = torch.zeros((n, channels), dtype=torch.float64, device=maps.device)
     if out.numel() == 0 or height * width == 0:
         return out
-    per_sample = 8 * channels * height * width * 3
-    step = chunk_size or max(1, _CHUNK_BYTES // per_sample)
+    step = _check_chunk(chunk_size) or max(1, _CHUNK_BYTES // (24 * channels * height * width))
     for start in range(0, n, step):
         out[start:start + step] = torch.linalg.matrix_rank(maps[start:start + step]).double()
     return out

@@ -1,0 +1,282 @@
+"""Channel independence (chip.ci): fast CI vs the plain SVD definition, properties, errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chip.ci import channel_independence, channel_independence_oracle, channel_rank
+from chip.errors import ChipError
+
+REL_TOL = 1e-6  # max |fast - oracle| <= REL_TOL * max CI
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread-pool overhead on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gauss(*shape):
+    return torch.randn(*shape)
+
+
+def _relu(*shape):
+    return torch.randn(*shape).relu()
+
+
+def _low_rank(n, c, length, rank):
+    """Exactly rank-``rank`` C x L maps (float64 so the rank is exact)."""
+    left = torch.randn(n, c, rank, dtype=torch.float64)
+    return left @ torch.randn(n, rank, length, dtype=torch.float64)
+
+
+def _duplicated(n, c, length):
+    x = torch.randn(n, c, length).relu()
+    return torch.cat([x, x[:, :2], x[:, 1:2]], dim=1)  # channel 0 twice, channel 1 three times
+
+
+# name -> fmaps factory, in the style of timm's parametrised model tests
+CASES = {
+    "gauss_4d": lambda: _gauss(2, 12, 5, 6),
+    "relu_sparse_4d": lambda: _relu(3, 16, 6, 6),
+    "relu_3d": lambda: _relu(2, 10, 25),
+    "hw_lt_c": lambda: _relu(2, 24, 3, 3),
+    "hw_lt_c_gauss": lambda: _gauss(2, 30, 2, 4),
+    "low_rank": lambda: _low_rank(2, 20, 30, 3),
+    "low_rank_hw_lt_c": lambda: _low_rank(2, 40, 12, 4),
+    "low_rank_square": lambda: _low_rank(2, 16, 16, 5),
+    "duplicated": lambda: _duplicated(2, 8, 20),
+    "linear_input_nc": lambda: _relu(5, 12),
+    "single_channel": lambda: _relu(3, 1, 4, 4),
+    "single_channel_nc": lambda: _gauss(4, 1),
+    "hw_1": lambda: _gauss(2, 6, 1, 1),
+    "identical_rows": lambda: torch.randn(1, 1, 20).expand(2, 30, 20).contiguous(),
+    "scaled_rows": lambda: _gauss(2, 10, 30) * torch.logspace(-4, 0, 10)[None, :, None],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_oracle(case):
+    fmaps = CASES[case]()
+    fast = channel_independence(fmaps)
+    ref = channel_independence_oracle(fmaps)
+    assert fast.shape == ref.shape == fmaps.shape[:2]
+    assert fast.dtype == torch.float64
+    scale = ref.abs().max().item()
+    assert scale > 0
+    assert (fast - ref).abs().max().item() <= REL_TOL * scale
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5])
+def test_chunking_does_not_change_result(chunk_size):
+    fmaps = _relu(5, 9, 4, 4)
+    full = channel_independence(fmaps)
+    torch.testing.assert_close(channel_independence(fmaps, chunk_size=chunk_size), full,
+                               rtol=0, atol=1e-12 * full.max().item())
+
+
+def test_closed_forms():
+    # orthogonal rows: singular values are the row norms, so CI_i = ||a_i||
+    q, _ = torch.linalg.qr(torch.randn(20, 6, dtype=torch.float64))
+    norms = torch.arange(1.0, 7.0, dtype=torch.float64)
+    ortho = (q.T * norms[:, None])[None]
+    for fn in (channel_independence, channel_independence_oracle):
+        torch.testing.assert_close(fn(ortho)[0], norms, rtol=1e-9, atol=0)
+    # C identical rows b: CI = ||b|| (sqrt(C) - sqrt(C - 1))
+    b = torch.randn(15, dtype=torch.float64)
+    same = b.expand(1, 7, 15)
+    want = torch.full((7,), b.norm().item() * (math.sqrt(7) - math.sqrt(6)), dtype=torch.float64)
+    for fn in (channel_independence, channel_independence_oracle):
+        torch.testing.assert_close(fn(same)[0], want, rtol=1e-9, atol=0)
+
+
+def test_dtype_shape_and_device():
+    fmaps = _relu(3, 5, 4, 4).requires_grad_()
+    out = channel_independence(fmaps)
+    assert out.dtype == torch.float64 and out.shape == (3, 5) and out.device == fmaps.device
+    assert not out.requires_grad
+    torch.testing.assert_close(out, channel_independence(fmaps.detach().double()))
+    ints = torch.randint(0, 5, (2, 4, 9))
+    torch.testing.assert_close(channel_independence(ints), channel_independence_oracle(ints))
+
+
+def test_zero_channel_and_zero_sample_are_exactly_zero():
+    fmaps = _relu(3, 6, 5, 5)
+    fmaps[:, 2] = 0
+    fmaps[1] = 0
+    out = channel_independence(fmaps)
+    assert torch.all(out[:, 2] == 0)
+    assert torch.all(out[1] == 0)
+    assert torch.all(out[0, [0, 1, 3, 4, 5]] > 0)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 0, 3, 3), (2, 3, 0, 3)])
+def test_empty_shapes(shape):
+    out = channel_independence(torch.zeros(shape))
+    assert out.shape == shape[:2] and out.dtype == torch.float64 and torch.all(out == 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_raises(bad):
+    fmaps = _relu(2, 3, 4, 4)
+    fmaps[1, 2, 0, 3] = bad
+    with pytest.raises(ChipError, match="NaN or Inf"):
+        channel_independence(fmaps)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 5, 6), ()])
+def test_wrong_ndim_raises(shape):
+    with pytest.raises(ChipError, match=r"\(N, C, H, W\), \(N, C, L\) or \(N, C\)"):
+        channel_independence(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True, "2"])
+def test_bad_chunk_size_raises(chunk_size):
+    with pytest.raises(ChipError, match="chunk_size"):
+        channel_independence(_relu(2, 3, 4), chunk_size=chunk_size)
+
+
+def test_complex_raises():
+    with pytest.raises(ChipError, match="real"):
+        channel_independence(torch.zeros(2, 3, 4, dtype=torch.complex64))
+
+
+def test_duplicating_strictly_lowers_ci():
+    fmaps = _relu(3, 8, 5, 5)
+    before = channel_independence(fmaps)
+    after = channel_independence(torch.cat([fmaps, fmaps[:, 3:4]], dim=1))
+    assert torch.all(after[:, 3] < before[:, 3])
+    torch.testing.assert_close(after[:, 3], after[:, 8])
+
+
+# ---------------------------------------------------------------- property tests (hypothesis)
+
+@st.composite
+def _maps(draw, max_channels=6, max_length=7):
+    """Small (1, C, L) float64 maps; some entries zeroed (ReLU-like sparsity)."""
+    channels = draw(st.integers(1, max_channels))
+    length = draw(st.integers(1, max_length))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(1, channels, length, generator=gen, dtype=torch.float64)
+    if draw(st.booleans()):
+        x = x.relu()
+    return x
+
+
+def _atol(x):
+    return 1e-9 * max(x.norm().item(), 1e-300)
+
+
+PROPS = settings(max_examples=40, deadline=None)
+
+
+@PROPS
+@given(_maps())
+def test_prop_bounds(x):
+    ci = channel_independence(x)[0]
+    row_norms = x[0].norm(dim=-1)
+    assert torch.all(ci >= 0)
+    assert torch.all(ci <= row_norms + _atol(x))
+
+
+@PROPS
+@given(_maps(), st.randoms(use_true_random=False))
+def test_prop_permutation_equivariance(x, rnd):
+    perm = list(range(x.shape[1]))
+    rnd.shuffle(perm)
+    perm = torch.tensor(perm)
+    torch.testing.assert_close(channel_independence(x[:, perm]), channel_independence(x)[:, perm],
+                               rtol=0, atol=_atol(x))
+
+
+@PROPS
+@given(_maps(), st.floats(1e-3, 1e3))
+def test_prop_positive_homogeneity(x, t):
+    torch.testing.assert_close(channel_independence(t * x), t * channel_independence(x),
+                               rtol=0, atol=t * _atol(x))
+
+
+@PROPS
+@given(_maps(), st.data())
+def test_prop_zero_channel_is_exactly_zero(x, data):
+    pos = data.draw(st.integers(0, x.shape[1]))
+    zero = torch.zeros(1, 1, x.shape[2], dtype=x.dtype)
+    y = torch.cat([x[:, :pos], zero, x[:, pos:]], dim=1)
+    ci = channel_independence(y)
+    assert ci[0, pos].item() == 0.0
+    keep = [i for i in range(y.shape[1]) if i != pos]
+    torch.testing.assert_close(ci[:, keep], channel_independence(x), rtol=0, atol=_atol(x))
+
+
+@PROPS
+@given(_maps(), st.data())
+def test_prop_duplicate_lowers_both_copies(x, data):
+    i = data.draw(st.integers(0, x.shape[1] - 1))
+    before = channel_independence(x)[0, i]
+    after = channel_independence(torch.cat([x, x[:, i:i + 1]], dim=1))[0]
+    assert after[i] <= before + _atol(x)
+    assert after[-1] <= before + _atol(x)
+    assert abs(after[i] - after[-1]) <= _atol(x)
+
+
+@PROPS
+@given(_maps(max_channels=5, max_length=6))
+def test_prop_matches_oracle(x):
+    fast = channel_independence(x)
+    ref = channel_independence_oracle(x)
+    assert (fast - ref).abs().max().item() <= REL_TOL * ref.max().item() + _atol(x)
+
+
+# ---------------------------------------------------------------- channel_rank (HRank)
+
+def _rank_loop(fmaps):
+    out = torch.zeros(fmaps.shape[:2], dtype=torch.float64)
+    for n in range(fmaps.shape[0]):
+        for c in range(fmaps.shape[1]):
+            out[n, c] = torch.linalg.matrix_rank(fmaps[n, c]).item()
+    return out
+
+
+RANK_CASES = {
+    "relu_float32": lambda: _relu(3, 4, 6, 5),
+    "low_rank_float64": lambda: _low_rank(6, 4, 5, 2).reshape(3, 2, 4, 5),
+    "sparse": lambda: (torch.randn(2, 3, 7, 7) > 1.5).float(),
+    "wide": lambda: _gauss(2, 3, 2, 9),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RANK_CASES))
+def test_channel_rank_matches_loop(case):
+    fmaps = RANK_CASES[case]()
+    out = channel_rank(fmaps)
+    assert out.dtype == torch.float64 and out.shape == fmaps.shape[:2]
+    torch.testing.assert_close(out, _rank_loop(fmaps), rtol=0, atol=0)
+    torch.testing.assert_close(channel_rank(fmaps, chunk_size=1), out, rtol=0, atol=0)
+
+
+def test_channel_rank_known_ranks():
+    maps = torch.zeros(1, 5, 6, 6, dtype=torch.float64)
+    for r in range(5):  # channel r has rank r
+        for _ in range(r):
+            maps[0, r] += torch.outer(torch.randn(6, dtype=torch.float64),
+                                      torch.randn(6, dtype=torch.float64))
+    torch.testing.assert_close(channel_rank(maps)[0], torch.arange(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 4)])
+def test_channel_rank_wrong_ndim_raises(shape):
+    with pytest.raises(ChipError, match=r"\(N, C, H, W\)"):
+        channel_rank(torch.zeros(shape))
+
+
+def test_channel_rank_non_finite_raises():
+    maps = torch.zeros(1, 2, 3, 3)
+    maps[0, 1, 1, 1] = float("nan")
+    with pytest.raises(ChipError, match="NaN or Inf"):
+        channel_rank(maps)
