@@ -28,7 +28,11 @@ _API = {
     "measure_latency": "chip.latency",
     "save": "chip.artifact",
     "load": "chip.artifact",
+    "load_info": "chip.artifact",
+    "export_torchscript": "chip.artifact",
+    "export_onnx": "chip.artifact",
     "models": "chip.models",
+    "data": "chip.data",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -38,7 +42,7 @@ def __getattr__(name):
     if name not in _API:
         raise AttributeError(f"module 'chip' has no attribute {name!r}")
     module = import_module(_API[name])
-    value = module if name == "models" else getattr(module, name)
+    value = module if name in ("models", "data") else getattr(module, name)
     globals()[name] = value
     return value
 
