@@ -45,10 +45,15 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
         first = next(iter(model.parameters()))  # trace in the model's device and dtype
         graph = find_groups(model, torch.zeros(plan.input_size, device=first.device,
                                                dtype=first.dtype))
-    unknown = [name for name in plan.groups if name not in graph.by_name]
-    if unknown:
-        raise ChipError(f"plan names groups this model does not have: {unknown[:4]}; "
+    arch = getattr(model, "chip_arch", None)
+    if plan.arch is not None and arch is not None and plan.arch != arch:
+        raise ChipError(f"the plan is for {plan.arch!r} but the model is {arch!r}; "
                         "was the plan made for another architecture?")
+    unknown = [name for name in plan.groups if name not in graph.by_name]
+    missing = [name for name in graph.by_name if name not in plan.groups]
+    if unknown or missing:  # a plan covers every group of the model it was made for
+        raise ChipError(f"plan and model groups differ (only in the plan: {unknown[:4]}, only in "
+                        f"the model: {missing[:4]}); was the plan made for another architecture?")
     for name, gplan in plan.groups.items():
         group = graph[name]
         if group.channels != gplan.channels:
