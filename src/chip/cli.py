@@ -85,6 +85,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=0, help="data loading worker processes")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration, pruning and training")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is often fastest on a busy machine)")
 
 
 def add_data_args(parser: argparse.ArgumentParser, batch_size: int | None = 128) -> None:
@@ -236,7 +238,7 @@ def get_args_parser_score(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from chip.calibrate import calibrate
+    from chip.calibration import calibrate
     from chip.data import calibration_loader
     from chip.distributed import is_main_process
 
@@ -317,7 +319,7 @@ def _make_plan(args: argparse.Namespace, model: nn.Module, scores):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from chip.calibrate import ChannelScores
+    from chip.calibration import ChannelScores
     from chip.models import create
     from chip.utils import seed_everything
 
@@ -366,7 +368,7 @@ def get_args_parser_prune(parser: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from chip.artifact import save
-    from chip.calibrate import ChannelScores
+    from chip.calibration import ChannelScores
     from chip.counting import count
     from chip.models import create
     from chip.prune import apply
@@ -620,6 +622,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be a positive int, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
     return text or type(exc).__name__
@@ -636,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             args = get_args_parser().parse_args(argv)
+            _set_threads(getattr(args, "threads", None))
             return int(args.func(args) or 0)
     except ChipError as exc:
         print(f"chip: error: {_one_line(exc)}", file=sys.stderr)

@@ -95,6 +95,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "unsafe_pickle": ((bool,), False, "allow full unpickling of a trusted checkpoint"),
     "seed": ((int,), 0, "seeds calibration, data subsets and training"),
     "device": ((str, _NONE), None, "cpu, cuda, cuda:1 ... (default: cuda if available)"),
+    "threads": ((int, _NONE), None, "torch CPU threads (default: torch's choice)"),
     "out_dir": ((str,), "runs/chip", "run directory (stages resume from it)"),
     "data.name": ((str,), None, "dataset name (chip.data.dataset_names())"),
     "data.root": ((str, _NONE), None, "dataset directory (default: the dataset's)"),
@@ -481,7 +482,7 @@ def stage_eval_baseline(ctx: RunContext) -> dict:
 
 
 def stage_score(ctx: RunContext) -> dict:
-    from chip.calibrate import calibrate
+    from chip.calibration import calibrate
     from chip.data import calibration_loader
 
     c = ctx.cfg["calibration"]
@@ -495,7 +496,7 @@ def stage_score(ctx: RunContext) -> dict:
 
 
 def stage_plan(ctx: RunContext) -> dict:
-    from chip.calibrate import ChannelScores
+    from chip.calibration import ChannelScores
     from chip.spec import plan
 
     scores = ChannelScores.load(ctx.out_dir / "scores.safetensors")
@@ -623,6 +624,10 @@ def run(config: Mapping, *, progress: bool = True, fresh: bool = False) -> dict:
     from chip.distributed import get_world_size, init_distributed
 
     cfg = validate_config(config)
+    if cfg["threads"] is not None:
+        if cfg["threads"] < 1:
+            raise ChipError(f"threads must be a positive int, got {cfg['threads']}")
+        torch.set_num_threads(cfg["threads"])
     init_distributed(cfg["device"])
     if get_world_size() > 1:
         raise ChipError("chip run is single-process; use torchrun with chip finetune / chip eval")
