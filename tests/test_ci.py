@@ -96,6 +96,32 @@ def test_closed_forms():
         torch.testing.assert_close(fn(same)[0], want, rtol=1e-9, atol=0)
 
 
+def _few_live_rows(n, c, length, live):
+    x = torch.zeros(n, c, length, dtype=torch.float64)
+    x[:, 1:1 + live] = torch.randn(n, live, length, dtype=torch.float64).relu()
+    return x
+
+
+# HW < C cases; "essential" rows (outside the span of the others) are the hard case there
+PATH_CASES = {
+    "relu": lambda: _relu(2, 20, 6).double(),
+    "live_rows_eq_hw": lambda: _few_live_rows(2, 12, 6, 6),
+    "live_rows_lt_hw": lambda: _few_live_rows(2, 12, 6, 4),
+    "low_rank": lambda: _low_rank(2, 15, 6, 3),
+    "duplicated": lambda: _duplicated(2, 6, 5).double(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PATH_CASES))
+def test_small_gram_path_matches_large_gram_path(case):
+    """Appending zero pixels changes nothing but switches HW < C to the C x C Gram path."""
+    fmaps = PATH_CASES[case]()
+    assert fmaps.shape[2] < fmaps.shape[1]
+    padded = torch.cat([fmaps, fmaps.new_zeros(*fmaps.shape[:2], fmaps.shape[1])], dim=-1)
+    small, large = channel_independence(fmaps), channel_independence(padded)
+    torch.testing.assert_close(small, large, rtol=0, atol=1e-11 * large.max().item())
+
+
 def test_dtype_shape_and_device():
     fmaps = _relu(3, 5, 4, 4).requires_grad_()
     out = channel_independence(fmaps)

@@ -100,9 +100,10 @@ def _rel_cutoff(channels: int, length: int) -> float:
 def _spectral_weights(a: torch.Tensor):
     """Spectrum of ``A A^T`` and each channel's weights on it, for a chunk ``a`` (B, C, M).
 
-    Returns ``(lam, w, w0)``: eigenvalues ``lam`` (B, K) with values below the cut-off set to 0,
-    weights ``w`` (B, C, K) with ``sum_k w[b, i, k] + w0[b, i] = 1``, null weight ``w0`` (B, C).
-    Uses the smaller of the two Gram matrices, ``K = min(C, M)``.
+    Returns ``(lam, w, w0, live)``: eigenvalues ``lam`` (B, K) with values below the cut-off set
+    to 0, weights ``w`` (B, C, K) with ``sum_k w[b, i, k] + w0[b, i] = 1``, null weight ``w0``
+    (B, C), and ``live`` (B, C), False for all-zero channels. Uses the smaller of the two Gram
+    matrices, ``K = min(C, M)``.
     """
     channels, length = a.shape[1], a.shape[2]
     gram = a @ a.mT if channels <= length else a.mT @ a
@@ -112,7 +113,8 @@ def _spectral_weights(a: torch.Tensor):
     lam = torch.where(kept, lam, torch.zeros_like(lam))
     if channels <= length:
         # w_ik = U_ik^2; weights on the zeroed eigenvalues act as the null weight
-        return lam, vecs.square(), torch.zeros(a.shape[:2], dtype=a.dtype, device=a.device)
+        live = gram.diagonal(dim1=-2, dim2=-1) > 0
+        return lam, vecs.square(), torch.zeros_like(lam), live
     # HW < C: A = Z diag(sqrt(l)) V^T, so w_ik = Z_ik^2 with Z = A V diag(l)^(-1/2) (kept k only)
     # and w0_i = 1 - ||Z_i||^2 (one minus the leverage of row i; a rank-one downdate of A^T A).
     z = (a @ vecs) * torch.where(kept, lam, 1.0).rsqrt().mul_(kept)[:, None, :]
@@ -120,7 +122,7 @@ def _spectral_weights(a: torch.Tensor):
     lev = w.sum(-1)
     w0 = (1.0 - lev).clamp_(min=0.0)
     _refine_null_weights(z, lev, w0)
-    return lam, w, w0
+    return lam, w, w0, lev > 0
 
 
 def _refine_null_weights(z: torch.Tensor, lev: torch.Tensor, w0: torch.Tensor) -> None:
@@ -143,7 +145,7 @@ def _refine_null_weights(z: torch.Tensor, lev: torch.Tensor, w0: torch.Tensor) -
 
 def _ci_chunk(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """CI of every channel of a chunk ``a`` (B, C, M) float64, on the log-grid ``u``."""
-    lam, w, w0 = _spectral_weights(a)
+    lam, w, w0, live = _spectral_weights(a)
     nodes = u.numel()
     sigma = lam[:, -1].sqrt()
     sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
@@ -167,7 +169,7 @@ def _ci_chunk(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     t_hi = t[:, -1:]
     right = h * (r1 * m1 / t_hi + r3 * (m1.square() - 2 * m2) / t_hi**3)
     ci = ((2 / math.pi) * (body + left + right)).clamp_(min=0.0)
-    return torch.where(a.abs().amax(-1) > 0, ci, torch.zeros_like(ci))
+    return torch.where(live, ci, torch.zeros_like(ci))
 
 
 @torch.no_grad()
