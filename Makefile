@@ -17,7 +17,7 @@ $(BIN)/chip: pyproject.toml
 venv: $(BIN)/chip
 
 demo: venv
-	$(BIN)/chip run configs/demo.yaml --data $(DATA)
+	$(BIN)/chip run configs/demo.yaml --data $(DATA) --out-dir runs/demo-$(DATA)
 
 test: venv
 	$(BIN)/python -m pytest tests

@@ -514,17 +514,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             lat = measure_latency(model, (args.latency_batch, *size[1:]), device=dist.device)
             result["latency"] = lat.to_dict()
-    if args.json:
-        _echo(json.dumps(result))
-        return 0
-    lines = [f"{result['model']} on {info.name} ({metrics['n']} images): top-1 "
-             f"{metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}",
-             f"params {_fmt_count(counts.params)}  MACs {_fmt_count(counts.macs)}  "
-             f"[{CONVENTION}, input {'x'.join(map(str, size[1:]))}]"]
-    if "latency" in result:
-        lines.append(f"latency {lat}")
-    _echo("\n".join(lines))
+        _echo(_eval_report(result, args.json))  # inside: only rank 0 prints
     return 0
+
+
+def _eval_report(result: dict, as_json: bool) -> str:
+    """One JSON line, or a few readable lines."""
+    from chip.counting import CONVENTION
+
+    if as_json:
+        return json.dumps(result)
+    shape = "x".join(map(str, result["input_size"][1:]))
+    lines = [f"{result['model']} on {result['data']} ({result['n']} images): top-1 "
+             f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}",
+             f"params {_fmt_count(result['params'])}  MACs {_fmt_count(result['macs'])}  "
+             f"[{CONVENTION}, input {shape}]"]
+    if "latency" in result:
+        lat = result["latency"]
+        lines.append(f"latency {lat['median_ms']:.3f} ms median (p10 {lat['p10_ms']:.3f}, "
+                     f"p90 {lat['p90_ms']:.3f}) at batch {lat['batch_size']} on {lat['device']}, "
+                     f"{lat['images_per_s']:.0f} images/s")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- run

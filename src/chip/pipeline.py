@@ -21,7 +21,8 @@ summary         ``summary.json`` and ``summary.md`` (always rewritten)
 Resume: every finished stage leaves ``stages/<name>.json`` holding a fingerprint of the config keys
 it depends on (chained with the previous stage's). Re-running with the same ``out_dir`` skips
 stages whose fingerprint is unchanged, continues an interrupted training stage from its
-``last.pt``, and redoes a stage (and everything after it) whose inputs changed.
+``last.pt``, and redoes a stage whose inputs changed. Once one stage runs, every later stage runs
+again too, from scratch.
 
 The config schema is :data:`SCHEMA` (documented in ``configs/README.md``).
 """
@@ -637,17 +638,20 @@ def run(config: Mapping, *, progress: bool = True, fresh: bool = False) -> dict:
     with atomic_write(out_dir / "config.yaml", "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     ctx = RunContext(cfg, out_dir, progress)
-    fp = ""
+    fp, upstream_ran = "", fresh
     for stage in STAGES:
         fp = _fingerprint(fp, stage, cfg)
         marker, started = out_dir / "stages" / f"{stage.name}.json", out_dir / "stages" / f"{stage.name}.started"
-        done = None if fresh else _read_json(marker)
+        done = None if upstream_ran else _read_json(marker)
         if done is not None and done.get("fingerprint") == fp and not stage.always:
             ctx.results[stage.name] = done["result"]
             logger.info("[%s] done earlier, skipped", stage.name)
             continue
-        ctx.resume = (not fresh and not stage.always
+        # only the first stage that runs may continue an interrupted attempt of itself; once a
+        # stage has run, every later stage starts afresh (its inputs may have changed)
+        ctx.resume = (not upstream_ran and not stage.always
                       and (_read_json(started) or {}).get("fingerprint") == fp)
+        upstream_ran = upstream_ran or not stage.always
         if not ctx.resume:
             _clear(out_dir, stage.outputs)
         marker.unlink(missing_ok=True)

@@ -1,0 +1,205 @@
+"""Tests of ``chip run`` / :mod:`chip.pipeline`: config checks, overrides, end to end, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import chip
+from chip import cli, pipeline
+from chip.errors import ChipError
+
+TINY = {
+    "arch": "resnet20",
+    "seed": 0,
+    "threads": 1,
+    "data": {"name": "synthetic", "batch_size": 16, "image_size": 8,
+             "options": {"train_size": 48, "val_size": 32, "num_classes": 4}},
+    "baseline": {"epochs": 1, "warmup_epochs": 0, "lr": 0.05},
+    "calibration": {"batches": 1, "batch_size": 16},
+    "target": {"flops": 0.5},
+    "finetune": {"epochs": 1, "warmup_epochs": 0, "lr": 0.01},
+}
+
+
+def _config(**changes) -> dict:
+    cfg = json.loads(json.dumps(TINY))
+    for dotted, value in changes.items():
+        pipeline._set(cfg, dotted.replace("__", "."), value)
+    return cfg
+
+
+# ------------------------------------------------------------------------------ validation
+
+BAD_CONFIGS = {
+    "unknown-top-key": ({"colour": "red"}, "unknown config key 'colour'"),
+    "unknown-nested-key": ({"data.nme": "x"}, "unknown config key 'data.nme'"),
+    "unknown-train-key": ({"finetune.epoch": 3}, "unknown config key 'finetune.epoch'"),
+    "wrong-type": ({"finetune.epochs": "many"}, "'finetune.epochs' must be int"),
+    "bool-for-int": ({"seed": True}, "'seed' must be int"),
+    "two-targets": ({"target.rate": 0.3}, "exactly one pruning target"),
+    "bad-sparsity": ({"target": {"sparsity": "[0.]+[0.4]*x"}}, "repeat count"),
+    "warmup-too-long": ({"finetune.warmup_epochs": 5}, "warmup_epochs (5) must be smaller"),
+    "negative-lr": ({"baseline.lr": -1.0}, "invalid train config"),
+    "no-arch": ({"arch": None}, "'arch' must be string"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_configs_raise_one_line(name):
+    changes, expected = BAD_CONFIGS[name]
+    cfg = _config()
+    for key, value in changes.items():
+        if key == "target":
+            cfg["target"] = value
+        else:
+            pipeline._set(cfg, key, value)
+    with pytest.raises(ChipError) as info:
+        pipeline.validate_config(cfg)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ChipError, match="valid keys: .*finetune.epochs"):
+        pipeline.validate_config(_config(finetune__epoch=3))
+
+
+def test_missing_target_and_required_keys():
+    cfg = _config()
+    del cfg["target"]
+    with pytest.raises(ChipError, match="needs a pruning target"):
+        pipeline.validate_config(cfg)
+    del cfg["arch"]
+    with pytest.raises(ChipError, match="'arch' is required"):
+        pipeline.validate_config(cfg)
+
+
+def test_defaults_filled_in():
+    full = pipeline.validate_config(_config())
+    assert full["calibration"]["criterion"] == "chip" and full["target"]["round_to"] == 1
+    assert full["data"]["train_subset"] is None and full["out_dir"] == "runs/chip"
+    tc = pipeline.train_config(full, "finetune")
+    assert (tc.epochs, tc.lr, tc.batch_size, tc.momentum, tc.weight_decay) == (1, 0.01, 16, 0.9, 5e-3)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")))
+def test_shipped_configs_validate(path):
+    full = pipeline.validate_config(pipeline.load_config(path))
+    assert full["arch"] in chip.models.list_models()
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: resnet20\ndata: {name: [digits\n")
+    with pytest.raises(ChipError, match="not valid YAML .* at line") as info:
+        pipeline.load_config(bad)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------- overrides
+
+OVERRIDES = [
+    (["--finetune.epochs", "3"], {"finetune.epochs": 3}),
+    (["--data", "fashion-mnist"], {"data.name": "fashion-mnist"}),
+    (["--data-dir=/x", "--workers", "2"], {"data.root": "/x", "data.workers": 2}),
+    (["--target.sparsity", "[0.]+[0.1]*2"], {"target.sparsity": "[0.]+[0.1]*2"}),
+    (["--target.flops", "0.25", "--checkpoint", "null"], {"target.flops": 0.25, "checkpoint": None}),
+    (["--finetune.milestones", "[1, 2]", "--out-dir", "runs/y"],
+     {"finetune.milestones": [1, 2], "out_dir": "runs/y"}),
+]
+
+
+@pytest.mark.parametrize("tokens,expected", OVERRIDES)
+def test_parse_overrides(tokens, expected):
+    overrides, flags = cli.parse_overrides(tokens + ["--quiet"])
+    assert overrides == expected and flags == {"quiet"}
+
+
+@pytest.mark.parametrize("tokens,match", [
+    (["--finetune.epoch", "3"], "unknown config key 'finetune.epoch'; valid keys"),
+    (["--seed", "abc"], "'seed' must be int"),
+    (["--seed"], "needs a value"),
+    (["oops"], "unexpected argument"),
+])
+def test_bad_overrides(tokens, match):
+    with pytest.raises(ChipError, match=match):
+        cli.parse_overrides(tokens)
+
+
+def test_target_override_replaces_the_config_kind():
+    merged = pipeline.merge_overrides(_config(), {"target.rate": 0.3})
+    assert merged["target"] == {"rate": 0.3}
+    assert pipeline.resolve_target(pipeline.validate_config(merged)["target"]) == 0.3
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+def _stage_times(out: Path) -> dict[str, float]:
+    return {p.stem: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
+
+
+def test_run_end_to_end_then_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(_config(out_dir=str(out))))
+    assert cli.main(["run", str(cfg_file), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| fine-tuned |" in printed and "MACs of conv+linear layers, batch 1" in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    model = chip.load(out / "model.chip")
+    counts = chip.count(model, (1, 3, 8, 8))
+    final = summary["rows"]["fine-tuned"]
+    assert (final["params"], final["macs"]) == (counts.params, counts.macs)
+    base = summary["rows"]["baseline"]
+    assert base["macs"] == chip.count(chip.models.create("resnet20", num_classes=4), (1, 3, 8, 8)).macs
+    assert final["macs"] <= 0.5 * base["macs"] and summary["widths"] == model.chip_plan.widths()
+    assert summary["rows"]["pruned"]["params"] == final["params"]
+    # the fine-tuned accuracy is that of model.chip on the validation set
+    _, val, _ = pipeline.build_data("synthetic", image_size=8, options=TINY["data"]["options"])
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int(model(x[None]).argmax(1).item() == y) for x, y in val)
+    assert final["top1"] == pytest.approx(100.0 * hits / len(val))
+    for name in ("scores.safetensors", "plan.json", "pruned.chip", "summary.md",
+                 "baseline/best.pt", "finetune/last.pt", "finetune/metrics.jsonl"):
+        assert (out / name).is_file(), name
+
+    # same config again: every stage is skipped, the summary is unchanged
+    before = _stage_times(out)
+    again = pipeline.run(_config(out_dir=str(out)), progress=False)
+    after = _stage_times(out)
+    assert {k: v for k, v in after.items() if k != "summary"} == \
+        {k: v for k, v in before.items() if k != "summary"}
+    assert again["rows"] == summary["rows"]
+
+    # an interrupted fine-tune (no marker, last.pt present) resumes instead of starting over
+    (out / "stages" / "finetune.json").unlink()
+    resumed = pipeline.run(_config(out_dir=str(out)), progress=False)
+    assert len((out / "finetune" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert resumed["rows"]["fine-tuned"] == summary["rows"]["fine-tuned"]
+    assert _stage_times(out)["plan"] == before["plan"]
+
+    # changing a fine-tune key redoes fine-tuning only (fresh: 2 epochs in metrics)
+    pipeline.run(_config(out_dir=str(out), finetune__epochs=2), progress=False)
+    now = _stage_times(out)
+    assert now["prune"] == before["prune"] and now["finetune"] != before["finetune"]
+    assert len((out / "finetune" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_run_bad_config_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(_config(out_dir=str(out))))
+    code = cli.main(["run", str(cfg_file), "--target.sparsity", "[0.]+[2.0]*29"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("chip: error: ")
+    code = cli.main(["run", str(cfg_file), "--finetune.epoch", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "valid keys:" in err and err.count("\n") == 1
+    assert not out.exists()
