@@ -519,3 +519,10 @@ def test_layer_mapping_rejects(mapping, match):
     model, graph, size = model_and_graph("resnet20")
     with pytest.raises(ChipError, match=match):
         plan(model, None, mapping, graph=graph)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_plan_traces_in_the_model_dtype(dtype):
+    """plan() traces a float64 / bfloat16 model with an input of the same dtype."""
+    model = M.create("resnet20").to(dtype).eval()
+    assert plan(model, None, 0.5).widths()["conv1"] == 8
