@@ -18,7 +18,8 @@ entries and ``w0_i`` the weight of channel ``i`` on the null space of ``G``. It 
 this way the integrand is a ratio of sums of non-negative terms, so nothing cancels. When
 ``HW < C`` the smaller Gram ``A^T A = V diag(l) V^T`` is used instead: then
 ``w_ik = (a_i . v_k)^2 / l_k`` and ``w0_i = 1 - sum_k w_ik`` (the deleted row is a rank-one
-downdate of ``A^T A``).
+downdate of ``A^T A``); where that difference cancels (rows outside the span of the others) it is
+recomputed as a sum of squares (:func:`_refine_null_weights`).
 
 The integral is evaluated by the trapezoidal rule in ``log t`` on a grid scaled per sample by
 the largest singular value; the integrand is analytic in a strip of half-width ``pi/2`` around
@@ -26,6 +27,8 @@ the real axis, so the rule converges geometrically (relative error ~``4 exp(-pi^
 1e-14 at the step used here). Both tails are summed in closed form from the integrand's
 asymptotics. The remaining error is the float64 Gram matrix itself (singular values below
 ~1e-7 of the largest are not resolved), i.e. ~1e-8 of the largest singular value at worst.
+Measured against the SVD oracle: ~1e-13 relative on random, ReLU-sparse, low-rank, HW < C and
+duplicated-channel maps; ~1e-7 on maps with singular values spread over nine decades.
 """
 
 from __future__ import annotations
@@ -156,13 +159,13 @@ def _ci_chunk(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     sums = w @ kernels                                                      # (B, C, 2Q)
     num, den = sums[..., :nodes], sums[..., nodes:]
     den = den.add_(w0[:, :, None]).clamp_(min=torch.finfo(torch.float64).tiny)
-    f = num.div_(den)                                  # f_i(t) / s, shape (B, C, Q)
+    ratio = num.div_(den)                              # f_i(t) / s, shape (B, C, Q)
     h = _STEP
     r1 = math.exp(-h) / -math.expm1(-h)
     r3 = math.exp(-3 * h) / -math.expm1(-3 * h)
-    body = h * (f @ (t * s)[:, :, None])[..., 0]
-    # left tail: f is ~constant below the first node
-    left = (h * r1) * (t[:, :1] * s[:, :1]) * f[:, :, 0]
+    body = h * (ratio @ (t * s)[:, :, None])[..., 0]          # dt = t du
+    # left tail: f is ~constant below the first node (which lies far below any kept sqrt(l_k))
+    left = (h * r1) * (t[:, :1] * s[:, :1]) * ratio[:, :, 0]
     # right tail: f ~ m1 / t^2 + (m1^2 - 2 m2) / t^4 beyond the last node
     moments = w @ torch.stack([lam, lam.square()], dim=-1)                  # (B, C, 2)
     m1, m2 = moments[..., 0], moments[..., 1]
@@ -178,12 +181,13 @@ def channel_independence(fmaps: torch.Tensor, *, chunk_size: int | None = None) 
 
     Args:
         fmaps: feature maps of shape (N, C, H, W), (N, C, L) or (N, C) (a linear layer's input,
-            i.e. ``HW = 1``), any real dtype, on any device.
+            i.e. ``HW = 1``), any real dtype, on any device with float64 support.
         chunk_size: samples processed at once (bounds memory); ``None`` picks one from the shape.
 
     Returns:
         (N, C) float64 tensor on ``fmaps``' device; ``0 <= CI[n, i] <= ||A[n, i]||_2`` and an
-        all-zero channel scores exactly 0.
+        all-zero channel scores exactly 0. Cost per sample: one ``K x K`` Gram product and
+        eigendecomposition (``K = min(C, HW)``) plus two ``C x K x ~100`` products.
 
     Raises:
         ChipError: wrong number of dimensions, complex/bool dtype, or NaN/Inf values.
