@@ -4,7 +4,7 @@ Same model (a CIFAR ResNet-20-like net defined here), same synthetic data and ba
 process; one warm-up epoch each, then ``--repeats`` interleaved epochs (order alternating).
 Prints images/s of both (median) and the ratio chip / bare (target >= 0.9)::
 
-    .venv/bin/python bench/train_throughput.py --batch 32 --iters 8 --repeats 5 --width 8
+    .venv/bin/python bench/train_throughput.py --threads 1 --repeats 6
 """
 
 from __future__ import annotations

@@ -31,6 +31,15 @@ _spec = importlib.util.spec_from_file_location("chip_test_tiny", SCRIPTS / "tiny
 tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)
 
+# launcher/socket failures (rendezvous port races) that say nothing about chip's code
+TRANSIENT_LAUNCH_ERRORS = (
+    "EADDRINUSE",
+    "Address already in use",
+    "DistNetworkError",
+    "RendezvousConnectionError",
+    "Connection reset by peer",
+)
+
 
 def test_single_process_is_a_no_op(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -65,6 +74,9 @@ def test_two_process_gloo_fit_and_exact_evaluate(tmp_path):
         str(SCRIPTS / "ddp_tiny.py"), str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    if proc.returncode != 0 and any(m in proc.stderr for m in TRANSIENT_LAUNCH_ERRORS):
+        # a port race with another job on this shared machine, not a chip failure: retry once
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["enabled"]
