@@ -46,6 +46,7 @@ BAD_CONFIGS = {
     "warmup-too-long": ({"finetune.warmup_epochs": 5}, "warmup_epochs (5) must be smaller"),
     "negative-lr": ({"baseline.lr": -1.0}, "invalid train config"),
     "no-arch": ({"arch": None}, "'arch' must be string"),
+    "scalar-section": ({"calibration": 5}, "'calibration' must be a mapping with keys calibration.batches"),
 }
 
 

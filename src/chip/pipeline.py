@@ -198,6 +198,11 @@ def validate_config(cfg: Mapping) -> dict:
     types = _section_types()
     flat = _flatten(default_config())
     given = _flatten(cfg)
+    sections = {k.split(".")[0] for k in types if "." in k}
+    scalar = sorted(k for k in given if k in sections - set(TRAIN_SECTIONS))
+    if scalar:
+        keys = ", ".join(k for k in types if k.startswith(scalar[0] + "."))
+        raise ChipError(f"config key {scalar[0]!r} must be a mapping with keys {keys}")
     unknown = sorted(k for k in given if k not in types and k not in TRAIN_SECTIONS)
     if unknown:
         raise ChipError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(types)}")
