@@ -11,14 +11,6 @@ from chip.checkpoint import extract_state_dict, load_checkpoint, load_state_dict
 from chip.errors import ChipError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class NotATensor:
     """A picklable object that ``weights_only=True`` must refuse."""
 

@@ -13,15 +13,6 @@ from chip.errors import ChipError
 REL_TOL = 1e-6  # max |fast - oracle| <= REL_TOL * max CI
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool overhead on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gauss(*shape):
     return torch.randn(*shape)
 

@@ -24,15 +24,6 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores: avoid thread over-subscription, restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _input(name: str, batch: int = 2, channels: int | None = None) -> torch.Tensor:
     c, h, w = FAST_SIZE.get(name, M.arch_input_size(name))
     return torch.randn(batch, channels or c, h, w)

@@ -26,15 +26,6 @@ from chip.spec import plan
 RTOL = 1e-9  # relative to max |output|; float64 surgery is exact up to ~1e-14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core box OpenMP spinning makes 2 threads ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tv(name: str) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None, num_classes=10)
 

@@ -25,16 +25,6 @@ from chip.groups import find_groups
 from chip.prune import apply
 from chip.spec import PruningPlan, parse_sparsity, parse_target, plan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core box OpenMP spinning makes 2 threads ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 _GRAPHS: dict[str, tuple[nn.Module, object, tuple[int, ...]]] = {}
 
 
