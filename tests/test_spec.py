@@ -516,3 +516,8 @@ def test_plan_traces_in_the_model_dtype(dtype):
     """plan() traces a float64 / bfloat16 model with an input of the same dtype."""
     model = M.create("resnet20").to(dtype).eval()
     assert plan(model, None, 0.5).widths()["conv1"] == 8
+
+
+def test_huge_repeat_count_is_an_error_not_an_allocation():
+    with pytest.raises(ChipError, match="longer than"):
+        parse_sparsity("[0.1]*99999999999")

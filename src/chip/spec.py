@@ -55,6 +55,7 @@ __all__ = [
 _TERM = re.compile(r"\s*\[\s*(?P<rate>[^\]]*?)\s*\]\s*(?:\*\s*(?P<count>[^+\s]*)\s*)?")
 _RATE = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _PLUS = re.compile(r"(?<![eE])\+")  # term separator; not the sign of an exponent (1e+0)
+_MAX_RATES = 10_000  # far above any architecture; stops '[0.1]*99999999999' from allocating
 _FORM = "expected terms like [0.4] or [0.4]*27 joined by '+', rates in [0, 1)"
 
 
@@ -79,6 +80,9 @@ def parse_sparsity(text: str) -> list[float]:
                 raise ChipError(f"bad repeat count {raw_count!r} in sparsity term {i + 1}; "
                                 "expected a positive integer after '*'")
             count = int(raw_count)
+        if len(rates) + count > _MAX_RATES:
+            raise ChipError(f"sparsity string is longer than {_MAX_RATES} rates (term {i + 1}); "
+                            "expected one rate per prunable position of the architecture")
         rates.extend([rate] * count)
     return rates
 
