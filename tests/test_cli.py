@@ -172,6 +172,7 @@ BAD_ARGS = {
     "sparsity-wrong-length": ["plan", "--arch", "resnet56", "--sparsity", "[0.]+[0.4]*3"],
     "rate-out-of-range": ["plan", "--arch", "resnet56", "--sparsity", "[0.]+[1.5]*29"],
     "unknown-arch": ["plan", "--arch", "resnet9000", "--rate", "0.3"],
+    "zero-round-to": ["plan", "--arch", "resnet20", "--rate", "0.3", "--round-to", "0"],
     "bad-input-size": ["plan", "--arch", "resnet20", "--rate", "0.3", "--input-size", "3,x"],
     "missing-scores": ["plan", "--arch", "resnet20", "--rate", "0.3", "--scores", "nope.st"],
     "unknown-dataset": ["score", "--arch", "resnet20", "--data", "nope", "--out", "{tmp}/s.st"],

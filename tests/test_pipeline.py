@@ -41,6 +41,8 @@ BAD_CONFIGS = {
     "unknown-train-key": ({"finetune.epoch": 3}, "unknown config key 'finetune.epoch'"),
     "wrong-type": ({"finetune.epochs": "many"}, "'finetune.epochs' must be int"),
     "bool-for-int": ({"seed": True}, "'seed' must be int"),
+    "zero-batch": ({"data.batch_size": 0}, "'data.batch_size' must be >= 1"),
+    "zero-image-size": ({"data.image_size": 0}, "'data.image_size' must be >= 1"),
     "two-targets": ({"target.rate": 0.3}, "exactly one pruning target"),
     "bad-sparsity": ({"target": {"sparsity": "[0.]+[0.4]*x"}}, "repeat count"),
     "warmup-too-long": ({"finetune.warmup_epochs": 5}, "warmup_epochs (5) must be smaller"),

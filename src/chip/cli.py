@@ -56,6 +56,23 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- shared options
 
 
+def _checked_int(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _checked_int(1)
+_non_negative_int = _checked_int(0)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -82,10 +99,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     """--device, --workers, --seed, --quiet."""
     g = parser.add_argument_group("common")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--workers", type=int, default=0, help="data loading worker processes")
+    g.add_argument("--workers", type=_non_negative_int, default=0, help="data loading worker processes")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration, pruning and training")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (1 is often fastest on a busy machine)")
 
 
@@ -94,13 +111,13 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int | None = 128)
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, help="dataset name (digits, cifar10, fashion-mnist, ...)")
     g.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's)")
-    g.add_argument("--image-size", type=int, default=None, help="resize images to this size")
-    g.add_argument("--train-subset", type=int, default=None, help="use at most N training images")
-    g.add_argument("--val-subset", type=int, default=None, help="evaluate on at most N images")
+    g.add_argument("--image-size", type=_positive_int, default=None, help="resize images to this size")
+    g.add_argument("--train-subset", type=_positive_int, default=None, help="use at most N training images")
+    g.add_argument("--val-subset", type=_positive_int, default=None, help="evaluate on at most N images")
     g.add_argument("--data-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra dataset option (e.g. synthetic train_size=64); repeatable")
     if batch_size is not None:
-        g.add_argument("--batch-size", type=int, default=batch_size, help="batch size")
+        g.add_argument("--batch-size", type=_positive_int, default=batch_size, help="batch size")
 
 
 def add_target_args(parser: argparse.ArgumentParser, plan_file: bool = False) -> None:
@@ -114,13 +131,13 @@ def add_target_args(parser: argparse.ArgumentParser, plan_file: bool = False) ->
     x.add_argument("--layers", type=Path, help="YAML file {group or layer name: rate}")
     if plan_file:
         x.add_argument("--plan", type=Path, help="plan.json written by chip plan --out")
-    g.add_argument("--round-to", type=int, default=1, help="kept widths become multiples of N")
+    g.add_argument("--round-to", type=_positive_int, default=1, help="kept widths become multiples of N")
 
 
 # TrainConfig field -> (flag type, help); booleans become store_true flags
 TRAIN_FLAGS: dict[str, tuple[Callable | None, str]] = {
-    "epochs": (int, "training epochs"),
-    "batch_size": (int, "per-process training batch size (also used for evaluation)"),
+    "epochs": (_positive_int, "training epochs"),
+    "batch_size": (_positive_int, "per-process training batch size (also used for evaluation)"),
     "lr": (float, "base learning rate"),
     "momentum": (float, "SGD momentum"),
     "weight_decay": (float, "weight decay on all parameters"),
@@ -228,7 +245,7 @@ def get_args_parser_score(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="allow full unpickling of a trusted checkpoint")
     add_data_args(parser, batch_size=128)
-    parser.add_argument("--batches", type=int, default=5, help="calibration batches (paper: 5)")
+    parser.add_argument("--batches", type=_positive_int, default=5, help="calibration batches (paper: 5)")
     parser.add_argument("--criterion", default="chip", choices=["chip", "hrank"],
                         help="channel independence (chip) or feature-map rank (hrank)")
     parser.add_argument("--reference-dir", type=Path,
@@ -279,7 +296,7 @@ def _plan_target(args: argparse.Namespace):
 
 def _plan_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, help="zoo architecture, e.g. resnet56")
-    parser.add_argument("--num-classes", type=int, default=None,
+    parser.add_argument("--num-classes", type=_positive_int, default=None,
                         help="classifier outputs (default: the architecture's)")
     parser.add_argument("--input-size", type=_int_list, default=None, metavar="C,H,W",
                         help="input size (default: the architecture's, e.g. 3,32,32)")
@@ -480,7 +497,7 @@ def get_args_parser_eval(parser: argparse.ArgumentParser) -> None:
                         help="allow full unpickling of a trusted checkpoint")
     add_data_args(parser, batch_size=256)
     parser.add_argument("--latency", action="store_true", help="also measure inference latency")
-    parser.add_argument("--latency-batch", type=int, default=1, help="batch size for --latency")
+    parser.add_argument("--latency-batch", type=_positive_int, default=1, help="batch size for --latency")
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
     add_common_args(parser)
 

@@ -123,6 +123,10 @@ TRAIN_SECTIONS = {
 # TrainConfig defaults differ for training from scratch (the fine-tuning ones are the paper's)
 BASELINE_DEFAULTS = {"epochs": 200, "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1}
 REQUIRED = ("arch", "data.name")
+# integer keys and their smallest valid value (when not null)
+MINIMUM = {"num_classes": 1, "threads": 1, "data.batch_size": 1, "data.workers": 0,
+           "data.image_size": 1, "data.train_subset": 1, "data.val_subset": 1,
+           "calibration.batches": 1, "calibration.batch_size": 1, "target.round_to": 1}
 
 
 def _section_types() -> dict[str, tuple[type, ...]]:
@@ -213,6 +217,8 @@ def validate_config(cfg: Mapping) -> dict:
                 raise ChipError(f"config key {key!r} must be a mapping of TrainConfig keys")
             continue
         _check_type(key, value, types[key])
+        if key in MINIMUM and value is not None and value < MINIMUM[key]:
+            raise ChipError(f"config key {key!r} must be >= {MINIMUM[key]}, got {value!r}")
         flat[key] = value
     missing = [k for k in REQUIRED if flat.get(k) is None]
     if missing:
@@ -631,8 +637,6 @@ def run(config: Mapping, *, progress: bool = True, fresh: bool = False) -> dict:
 
     cfg = validate_config(config)
     if cfg["threads"] is not None:
-        if cfg["threads"] < 1:
-            raise ChipError(f"threads must be a positive int, got {cfg['threads']}")
         torch.set_num_threads(cfg["threads"])
     init_distributed(cfg["device"])
     if get_world_size() > 1:
