@@ -464,9 +464,11 @@ def _fit_and_save(args: argparse.Namespace, model: nn.Module, defaults: dict, ex
 
 def cmd_train(args: argparse.Namespace) -> int:
     from chip.pipeline import BASELINE_DEFAULTS
+    from chip.utils import seed_everything
 
     info = _data_info(args)
     args.checkpoint = None
+    seed_everything(args.seed)  # the random initialisation
     model = _model_from_args(args, info)
     return _fit_and_save(args, model, dict(BASELINE_DEFAULTS), {"arch": args.arch})
 

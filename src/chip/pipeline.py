@@ -437,8 +437,11 @@ class RunContext:
                             workers=self.cfg["data"]["workers"], seed=seed)
 
     def new_model(self, checkpoint=None) -> nn.Module:
+        """The zoo model; its random initialisation is seeded with ``seed``."""
         from chip.models import create
+        from chip.utils import seed_everything
 
+        seed_everything(self.cfg["seed"])
         num_classes = self.cfg["num_classes"] or self.info.num_classes
         return create(self.cfg["arch"], num_classes=num_classes, in_channels=self.info.in_channels,
                       checkpoint=checkpoint, unsafe_pickle=self.cfg["unsafe_pickle"])
