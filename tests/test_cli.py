@@ -257,3 +257,19 @@ def test_torchrun_two_process_finetune_and_exact_eval(capsys, scored, tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = json.loads(single), json.loads(two.stdout)
     assert (b["n"], b["top1"], b["top5"]) == (a["n"], a["top1"], a["top5"]) and a["n"] == 30
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_score_equals_single_process(scored, tmp_path):
+    """Each rank scores a disjoint half of the calibration images; the all-reduced sums give the
+    single-process scores, and both ranks build the same plan (rank 0 writes the file)."""
+    root, _ = scored
+    out = tmp_path / "two.safetensors"
+    two = _torchrun("score", "--arch", "resnet20", "--checkpoint", root / "ckpt.pt", *SYNTH,
+                    "--batches", "2", "--batch-size", "8", "--seed", "3", "--quiet",
+                    "--device", "cpu", "--out", out)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one, both = ChannelScores.load(root / "scores.safetensors"), ChannelScores.load(out)
+    assert both.num_samples == one.num_samples == 16
+    for name, vec in one.groups.items():
+        torch.testing.assert_close(both.groups[name], vec, rtol=1e-12, atol=0)

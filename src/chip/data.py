@@ -842,6 +842,8 @@ def calibration_loader(
     seeded with ``seed`` (all of the dataset if it is smaller), and item ``i`` is drawn with RNGs
     seeded from ``(seed, i)`` (:class:`SeededItems`), so two calls with the same seed yield
     identical tensors, whatever the global RNG state; different seeds give different batches.
+    Under ``torch.distributed`` rank ``r`` of ``W`` takes items ``r::W`` of that subset, so the
+    ranks together score each image exactly once.
     """
     if num_batches < 1 or batch_size < 1:
         raise ChipError(
@@ -853,6 +855,10 @@ def calibration_loader(
         raise ChipError("calibration dataset is empty; expected at least one training image")
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(total, generator=generator)[: num_batches * batch_size].tolist()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # under torchrun each rank scores a disjoint shard; calibrate() all-reduces the sums
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        indices = indices[rank::world]
     subset = Subset(SeededItems(dataset, seed), indices)
     return DataLoader(
         subset,
