@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,26 @@ def test_torchrun_two_process_score_equals_single_process(scored, tmp_path):
     assert both.num_samples == one.num_samples == 16
     for name, vec in one.groups.items():
         torch.testing.assert_close(both.groups[name], vec, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_subcommand(capsys, scored, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnx", reason="ONNX export needs the onnx package (dev extra)")
+    root, _ = scored
+    pruned = tmp_path / "p.chip"
+    assert cli.main(["prune", "--arch", "resnet20", "--num-classes", "4", "--input-size", "3,8,8",
+                     "--checkpoint", str(root / "ckpt.pt"), "--scores", str(root / "scores.safetensors"),
+                     "--rate", "0.5", "--out", str(pruned), "--quiet"]) == 0
+    out = tmp_path / ("m.pt" if fmt == "torchscript" else "m.onnx")
+    code, stdout, _ = run_cli(capsys, "export", "--model", pruned, "--format", fmt, "--out", out)
+    assert code == 0 and out.stat().st_size > 0 and "wrote" in stdout
+    if fmt == "torchscript":
+        x = torch.randn(3, 3, 8, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch
+            scripted = torch.jit.load(str(out))
+        torch.testing.assert_close(scripted(x), chip.load(pruned)(x))
+    code, _, err = run_cli(capsys, "export", "--model", tmp_path / "none.chip", "--format", fmt,
+                           "--out", tmp_path / "x")
+    assert code == 2 and err.startswith("chip: error:") and not (tmp_path / "x").exists()

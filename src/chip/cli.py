@@ -537,6 +537,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def get_args_parser_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="model artifact (.chip)")
+    parser.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    parser.add_argument("--input-size", type=_int_list, default=None,
+                        help="C,H,W of one example input (default: the plan's input size)")
+    parser.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset")
+    parser.add_argument("--out", type=Path, required=True, help="output file (.pt / .onnx)")
+    add_common_args(parser)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from chip.artifact import export_onnx, export_torchscript, load
+
+    model = load(args.model)
+    plan = getattr(model, "chip_plan", None)
+    size = tuple(args.input_size) if args.input_size else None
+    if size is None:
+        size = tuple(plan.input_size[1:]) if plan is not None else None
+    if size is None:
+        raise UsageError("export: the model has no plan; pass --input-size C,H,W")
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(args.seed))
+    if args.format == "onnx":
+        path = export_onnx(model, args.out, example, opset=args.opset)
+    else:
+        path = export_torchscript(model, args.out, example)
+    _echo(f"wrote {args.format} model {path} (input 1x{'x'.join(map(str, size))}, batch axis dynamic)")
+    return 0
+
+
 def _eval_report(result: dict, as_json: bool) -> str:
     """One JSON line, or a few readable lines."""
     from chip.counting import CONVENTION
@@ -633,6 +664,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] =
     "finetune": (get_args_parser_finetune, cmd_finetune, "fine-tune a pruned model"),
     "eval": (get_args_parser_eval, cmd_eval, "accuracy, params, MACs (and latency) of a model"),
     "run": (get_args_parser_run, cmd_run, "the whole pipeline from a YAML config"),
+    "export": (get_args_parser_export, cmd_export, "write a model artifact as TorchScript or ONNX"),
 }
 
 
