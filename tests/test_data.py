@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 
@@ -600,3 +601,20 @@ def test_malformed_cifar_batch(tmp_path):
 def test_imagenet_cannot_download(tmp_path):
     with pytest.raises(ChipError, match="cannot be downloaded"):
         build_datasets("imagenet", tmp_path, download=True)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_pickles_cannot_run_code(tmp_path):
+    """CIFAR batches are pickles; anything beyond arrays and containers is refused."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": _Boom(), b"labels": [0]}, f)
+    with pytest.raises(ChipError, match="refusing to load"):
+        build_datasets("cifar10", tmp_path)

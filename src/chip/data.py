@@ -230,10 +230,27 @@ def _str_keys(obj: Mapping) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only: CIFAR's batches are pickles, but a file
+    that asks for any other callable (the way a pickle runs code) is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} (only arrays, lists, dicts and strings allowed)")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path, title: str) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise ChipError(f"malformed {title} file {path}: {type(e).__name__}: {e}") from None
     if not isinstance(obj, Mapping):
