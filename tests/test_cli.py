@@ -297,3 +297,25 @@ def test_export_subcommand(capsys, scored, tmp_path, fmt):
     code, _, err = run_cli(capsys, "export", "--model", tmp_path / "none.chip", "--format", fmt,
                            "--out", tmp_path / "x")
     assert code == 2 and err.startswith("chip: error:") and not (tmp_path / "x").exists()
+
+
+def test_download_and_tensorboard_flags_reach_the_library(monkeypatch):
+    import chip.data
+    from chip.pipeline import build_data
+
+    seen = {}
+
+    def fake_build_datasets(name, root=None, *, train_augment=True, download=False, **opts):
+        seen["download"] = download
+        raise chip.ChipError("stop here")
+
+    monkeypatch.setattr(chip.data, "build_datasets", fake_build_datasets)
+    with pytest.raises(chip.ChipError, match="stop here"):
+        build_data("cifar10", "/nowhere", download=True)
+    assert seen == {"download": True}
+    assert cli.main(["eval", "--arch", "resnet20", "--checkpoint", "x.pt", "--data", "cifar10",
+                     "--download"]) == 2 and seen == {"download": True}
+    parser = cli.get_args_parser()
+    args = parser.parse_args(["train", "--arch", "resnet20", "--data", "digits", "--out-dir", "o",
+                              "--tensorboard"])
+    assert cli._train_config(args, cli._train_defaults()).tensorboard is True

@@ -116,6 +116,8 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int | None = 128)
     g.add_argument("--val-subset", type=_positive_int, default=None, help="evaluate on at most N images")
     g.add_argument("--data-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra dataset option (e.g. synthetic train_size=64); repeatable")
+    g.add_argument("--download", action="store_true",
+                   help="download CIFAR-10/100 or MNIST into --data-dir if missing (needs a network)")
     if batch_size is not None:
         g.add_argument("--batch-size", type=_positive_int, default=batch_size, help="batch size")
 
@@ -149,6 +151,7 @@ TRAIN_FLAGS: dict[str, tuple[Callable | None, str]] = {
     "nesterov": (None, "Nesterov momentum"),
     "channels_last": (None, "channels-last memory format"),
     "sync_bn": (None, "SyncBatchNorm under torchrun (CUDA)"),
+    "tensorboard": (None, "also log to TensorBoard in OUT_DIR/tb (needs the tensorboard package)"),
 }
 
 
@@ -180,7 +183,8 @@ def _data(args: argparse.Namespace, train_augment: bool = True):
 
     return build_data(args.data, args.data_dir, image_size=args.image_size,
                       train_subset=args.train_subset, val_subset=args.val_subset,
-                      options=dict(args.data_opt), seed=args.seed, train_augment=train_augment)
+                      options=dict(args.data_opt), seed=args.seed, train_augment=train_augment,
+                      download=args.download)
 
 
 def _data_info(args: argparse.Namespace):

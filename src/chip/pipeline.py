@@ -106,6 +106,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "data.train_subset": ((int, _NONE), None, "use at most N training images (seeded)"),
     "data.val_subset": ((int, _NONE), None, "evaluate on at most N images (seeded)"),
     "data.options": ((dict,), {}, "extra dataset options (e.g. synthetic train_size)"),
+    "data.download": ((bool,), False, "download CIFAR-10/100 or MNIST if missing (needs a network)"),
     "calibration.batches": ((int,), 5, "calibration batches"),
     "calibration.batch_size": ((int,), 128, "calibration batch size"),
     "calibration.criterion": ((str,), "chip", "chip (channel independence) or hrank"),
@@ -378,12 +379,14 @@ def data_info(name: str, root=None, image_size: int | None = None, options: Mapp
 
 def build_data(name: str, root=None, *, image_size: int | None = None,
                train_subset: int | None = None, val_subset: int | None = None,
-               options: Mapping | None = None, seed: int = 0, train_augment: bool = True):
+               options: Mapping | None = None, seed: int = 0, train_augment: bool = True,
+               download: bool = False):
     """``(train, val, info)`` of :func:`chip.data.build_datasets` with resizing and subsets."""
     from chip.data import build_datasets
 
     opts, resize = _dataset_options(name, image_size, options)
-    train, val, info = build_datasets(name, root, train_augment=train_augment, **opts)
+    train, val, info = build_datasets(name, root, train_augment=train_augment, download=download,
+                                      **opts)
     if resize:
         train, val = Resized(train, image_size), Resized(val, image_size)
         info = dataclasses.replace(info, image_size=(image_size, image_size))
@@ -414,7 +417,7 @@ class RunContext:
         d = self.cfg["data"]
         return build_data(d["name"], d["root"], image_size=d["image_size"],
                           train_subset=d["train_subset"], val_subset=d["val_subset"],
-                          options=d["options"], seed=self.cfg["seed"])
+                          options=d["options"], seed=self.cfg["seed"], download=d["download"])
 
     @property
     def info(self):
