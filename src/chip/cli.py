@@ -249,36 +249,91 @@ def get_args_parser_score(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="allow full unpickling of a trusted checkpoint")
     add_data_args(parser, batch_size=128)
+    for action in parser._actions:  # the weight criteria (l1, random) need no data
+        if action.dest == "data":
+            action.required = False
+            action.help += " (needed by chip and hrank, and by --stability)"
     parser.add_argument("--batches", type=_positive_int, default=5, help="calibration batches (paper: 5)")
-    parser.add_argument("--criterion", default="chip", choices=["chip", "hrank"],
-                        help="channel independence (chip) or feature-map rank (hrank)")
+    parser.add_argument("--criterion", default="chip", choices=SCORE_CRITERIA,
+                        help="channel independence (chip), feature-map rank (hrank), filter L1 "
+                             "norm (l1) or seeded random scores (random)")
+    parser.add_argument("--stability", type=_positive_int, default=None, metavar="K",
+                        help="also split the calibration batches into K disjoint subsets, print how "
+                             "well their scores agree and write OUT.stability.json")
+    parser.add_argument("--stability-rate", type=float, default=0.5,
+                        help="pruning rate whose kept sets --stability compares (default: 0.5)")
     parser.add_argument("--reference-dir", type=Path,
                         help="also write the reference code's ci_conv{k}.npy files here")
     parser.add_argument("--out", type=Path, required=True, help="scores file (.safetensors)")
     add_common_args(parser)
 
 
+# criteria of chip.criteria.CRITERION_NAMES (listed here so building the parser imports no torch)
+SCORE_CRITERIA = ("chip", "hrank", "l1", "random")
+_DATA_CRITERIA = ("chip", "hrank")
+
+
+def _check_score_args(args: argparse.Namespace) -> None:
+    """One-line errors for flag combinations argparse cannot express."""
+    if args.data is None and args.criterion in _DATA_CRITERIA:
+        raise ChipError(f"score: --criterion {args.criterion} needs --data (only l1 and random "
+                        "score without data)")
+    if args.stability is not None:
+        if args.data is None:
+            raise ChipError("score: --stability needs --data (it splits the calibration batches)")
+        if not 2 <= args.stability <= args.batches:
+            raise ChipError(f"score: --stability K needs 2 <= K <= --batches ({args.batches}), "
+                            f"got {args.stability}")
+    if args.reference_dir is not None and args.criterion not in _DATA_CRITERIA:
+        raise ChipError("score: --reference-dir needs a data criterion (chip or hrank)")
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    from chip.calibration import calibrate
+    from chip.criteria import score
     from chip.data import calibration_loader
     from chip.distributed import is_main_process
 
+    _check_score_args(args)
     with _distributed(args.device) as dist:
-        train, _, info = _data(args)
-        model = _model_from_args(args, info)
-        loader = calibration_loader(train, args.batches, args.batch_size, args.seed)
+        loader, source = None, "weights"
+        if args.data is not None:
+            train, _, info = _data(args)
+            model = _model_from_args(args, info)
+            loader = calibration_loader(train, args.batches, args.batch_size, args.seed)
+            source = info.name
+        else:
+            from chip.models import create
+
+            model = create(args.arch, checkpoint=args.checkpoint, unsafe_pickle=args.unsafe_pickle)
         t0 = time.perf_counter()
-        scores = calibrate(model, loader, args.batches, dist.device, args.seed, args.criterion,
-                           progress=not args.quiet)
+        scores = score(model, loader, args.criterion, num_batches=args.batches, seed=args.seed,
+                       device=dist.device, progress=not args.quiet)
         seconds = time.perf_counter() - t0
         if is_main_process():
             scores.save(args.out)
             if args.reference_dir is not None:
                 scores.export_reference(args.reference_dir, args.arch)
         _echo(f"scored {len(scores.groups)} groups ({len(scores.points)} hook points) of "
-              f"{args.arch} on {scores.num_samples} {info.name} samples with {args.criterion} "
+              f"{args.arch} on {scores.num_samples} {source} samples with {args.criterion} "
               f"in {seconds:.1f} s -> {args.out}")
+        if args.stability is not None:
+            _score_stability(args, model, loader, dist.device)
     return 0
+
+
+def _score_stability(args: argparse.Namespace, model: nn.Module, loader, device) -> None:
+    """``score --stability K``: print the table and write it next to --out."""
+    from chip.distributed import is_main_process
+    from chip.stability import stability
+
+    report = stability(model, loader, args.stability, num_batches=args.batches,
+                       rate=args.stability_rate, criterion=args.criterion, seed=args.seed,
+                       device=device, progress=not args.quiet)
+    path = args.out.with_suffix(".stability.json")
+    if is_main_process():
+        report.save(path)
+    _echo(report.table())
+    _echo(f"stability -> {path}")
 
 
 # -------------------------------------------------------------------------------------- plan

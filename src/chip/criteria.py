@@ -1,0 +1,184 @@
+"""Channel criteria behind one entry point, so every comparison prunes to identical widths.
+
+``chip.score(model, loader, criterion)`` returns :class:`~chip.calibration.ChannelScores` for any
+criterion of :data:`CRITERION_NAMES`; :func:`chip.plan` then turns them into kept sets. The widths a
+plan gives depend only on the target and the model, never on the scores, so for one target every
+criterion prunes to the same architecture and only the kept indices differ.
+
+Data criteria (need a loader; computed by :func:`chip.calibration.calibrate` on the consumers'
+input maps):
+
+* ``"chip"``: channel independence (the paper's criterion).
+* ``"hrank"``: HRank (Lin et al., CVPR 2020), the mean matrix rank of each channel's feature map.
+
+Weight / seed criteria (no data; the model is traced once on ``example_inputs``, the loader's first
+batch or the zoo architecture's input size):
+
+* ``"l1"``: Li et al. 2017, "Pruning Filters for Efficient ConvNets": a channel's score is the L1
+  norm of the filter that produces it (the sum of the absolute kernel weights, bias excluded).
+  A coupled group written by several producers (a residual stream: the stem or shortcut plus every
+  block's last conv) scores each channel with the *mean* over the group's conv/linear producers of
+  their filters' L1 norms. Depthwise convs in a group produce its channels too and count as
+  producers; producers without a weight matrix (the option-A pad shortcut, custom layers) are
+  skipped.
+* ``"random"``: seeded uniform scores in [0, 1) from ``torch.Generator().manual_seed(seed)``, drawn
+  group by group in graph order (the control every criterion should beat).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .calibration import CRITERIA, ChannelScores, _example_from, calibrate
+from .errors import ChipError
+from .groups import ChannelGroup, GroupGraph, find_groups
+
+__all__ = ["CRITERION_NAMES", "DATA_CRITERIA", "WEIGHT_CRITERIA", "l1_scores", "random_scores",
+           "score"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_WEIGHTED = _CONV + (nn.Linear,)
+
+
+def _filter_l1(module: nn.Module) -> torch.Tensor:
+    """(out_channels,) float64 L1 norms of ``module``'s filters (one per output channel)."""
+    weight = module.weight.detach()
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        # (in, out / groups, k...): output channel o of group g is column o of that group's rows
+        groups = module.groups
+        w = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        w = w.transpose(1, 2).reshape(-1, weight.shape[0] // groups, *weight.shape[2:])
+        weight = w
+    return weight.to(torch.float64).abs().flatten(1).sum(1)
+
+
+def _group_l1(model: nn.Module, graph: GroupGraph, group: ChannelGroup) -> torch.Tensor:
+    """Mean over the group's conv/linear producers of their per-channel filter L1 norms.
+
+    The channel order is the group's (its root producer's output channels); each producer's output
+    positions are mapped onto it through the Torch-Pruning group of the whole channel set.
+    """
+    tp_group = graph.pruning_group(group.name, list(range(group.channels)))
+    names = {m: n for n, m in model.named_modules()}
+    producers = set(group.producers)
+    total = torch.zeros(group.channels, dtype=torch.float64)
+    seen: set[str] = set()
+    for item in tp_group:
+        module = item.dep.target.module
+        name = names.get(module) if isinstance(module, nn.Module) else None
+        if name is None or name not in producers or name in seen or not isinstance(module, _WEIGHTED):
+            continue
+        depthwise = isinstance(module, _CONV) and module.groups > 1 and module.groups == module.in_channels
+        if not (graph.dg.is_out_channel_pruning_fn(item.dep.handler) or depthwise):
+            continue
+        seen.add(name)
+        norms = _filter_l1(module).cpu()
+        idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
+        roots = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+        contribution = torch.zeros(group.channels, dtype=torch.float64)
+        contribution[roots] = norms[idxs]
+        total += contribution
+    if not seen:
+        raise ChipError(f"group {group.name!r} has no conv/linear producer with weights; "
+                        "the l1 criterion needs one (use chip, hrank or random)")
+    return total / len(seen)
+
+
+def l1_scores(model: nn.Module, graph: GroupGraph, seed: int | None = 0) -> dict[str, torch.Tensor]:
+    """``{group: (C,) float64}`` filter L1 norms (see the module docstring); ``seed`` is unused."""
+    return {g.name: _group_l1(model, graph, g) for g in graph}
+
+
+def random_scores(model: nn.Module, graph: GroupGraph, seed: int | None = 0) -> dict[str, torch.Tensor]:
+    """``{group: (C,) float64}`` uniform scores from one generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    return {g.name: torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in graph}
+
+
+# criteria that need no data: (model, graph, seed) -> {group: scores}
+WEIGHT_CRITERIA: dict[str, Callable[[nn.Module, GroupGraph, int | None], dict[str, torch.Tensor]]] = {
+    "l1": l1_scores,
+    "random": random_scores,
+}
+# criteria computed from feature maps by calibrate()
+DATA_CRITERIA: tuple[str, ...] = tuple(CRITERIA)
+CRITERION_NAMES: tuple[str, ...] = DATA_CRITERIA + tuple(WEIGHT_CRITERIA)
+
+
+def _example_inputs(model: nn.Module, loader, example_inputs) -> torch.Tensor:
+    """A small input batch to trace ``model`` on, in its device and dtype."""
+    first = next(iter(model.parameters()))
+    if example_inputs is not None:
+        x = example_inputs
+    elif loader is not None:
+        x = _example_from(loader)
+    elif getattr(model, "chip_arch", None) is not None:
+        from .spec import _default_input_size
+
+        x = torch.zeros(_default_input_size(model, model.chip_arch))
+    else:
+        raise ChipError("cannot trace the model: pass example_inputs (e.g. torch.zeros(1, 3, 32, 32)) "
+                        "or a loader, or use a chip.models zoo model")
+    if not isinstance(x, torch.Tensor):
+        raise ChipError(f"example_inputs must be a tensor, got {type(x).__name__}")
+    return x.to(device=first.device, dtype=first.dtype if x.is_floating_point() else x.dtype)
+
+
+def score(
+    model: nn.Module,
+    loader: Iterable | None = None,
+    criterion: str = "chip",
+    *,
+    num_batches: int = 5,
+    seed: int | None = 0,
+    device=None,
+    example_inputs: torch.Tensor | None = None,
+    graph: GroupGraph | None = None,
+    progress: bool = False,
+) -> ChannelScores:
+    """Score every prunable channel of ``model`` with ``criterion`` (larger = keep).
+
+    Args:
+        model: any torchvision-style CNN (a zoo model knows its input size).
+        loader: calibration batches; required by the data criteria (``chip``, ``hrank``).
+        criterion: one of :data:`CRITERION_NAMES`.
+        num_batches: calibration batches for the data criteria.
+        seed: RNG seed (calibration RNGs; the ``random`` criterion's generator).
+        device: where the data criteria run (default: CUDA if available).
+        example_inputs: an input batch to trace weight criteria on (default: the loader's first
+            batch, else the zoo architecture's input size).
+        graph: a precomputed :func:`chip.groups.find_groups` result for ``model``.
+        progress: show a progress bar during calibration.
+
+    Returns:
+        :class:`ChannelScores` with ``meta["criterion"]`` set. Weight criteria have no hook points
+        (``points`` is empty) and ``num_samples == 0``.
+    """
+    if criterion in DATA_CRITERIA:
+        if loader is None:
+            raise ChipError(f"criterion {criterion!r} needs calibration data; pass a loader "
+                            f"(or use one of {sorted(WEIGHT_CRITERIA)}, which need none)")
+        return calibrate(model, loader, num_batches, device=device, seed=seed, criterion=criterion,
+                         graph=graph, progress=progress)
+    scorer = WEIGHT_CRITERIA.get(criterion) if isinstance(criterion, str) else None
+    if scorer is None:
+        raise ChipError(f"unknown criterion {criterion!r}; expected one of {list(CRITERION_NAMES)}")
+    if graph is None:
+        graph = find_groups(model, _example_inputs(model, loader, example_inputs))
+    with torch.no_grad():
+        groups = scorer(model, graph, seed)
+    return ChannelScores(
+        groups=groups,
+        num_samples=0,
+        meta={
+            "arch": getattr(model, "chip_arch", None),
+            "criterion": criterion,
+            "seed": seed,
+            "chip_version": __version__,
+            "torch_version": torch.__version__,
+        },
+    )
