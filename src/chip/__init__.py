@@ -18,7 +18,6 @@ _API = {
     "channel_independence": "chip.ci",
     "calibrate": "chip.calibration",
     "score": "chip.criteria",
-    "stability": "chip.stability",
     "CHIPImportance": "chip.integrations",
     "ChannelScores": "chip.calibration",
     "find_groups": "chip.groups",
