@@ -313,9 +313,12 @@ def cmd_score(args: argparse.Namespace) -> int:
             scores.save(args.out)
             if args.reference_dir is not None:
                 scores.export_reference(args.reference_dir, args.arch)
+        if args.criterion in _DATA_CRITERIA:
+            source = f"on {scores.num_samples} {source} samples"
+        else:
+            source = "from its weights" if args.criterion == "l1" else f"from seed {args.seed}"
         _echo(f"scored {len(scores.groups)} groups ({len(scores.points)} hook points) of "
-              f"{args.arch} on {scores.num_samples} {source} samples with {args.criterion} "
-              f"in {seconds:.1f} s -> {args.out}")
+              f"{args.arch} {source} with {args.criterion} in {seconds:.1f} s -> {args.out}")
         if args.stability is not None:
             _score_stability(args, model, loader, dist.device)
     return 0
