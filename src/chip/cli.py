@@ -715,6 +715,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ report
+
+
+def get_args_parser_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="output directory of chip run")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="do not measure the batch-1 latency of the baseline and final models")
+    parser.add_argument("--device", default=None, help="where to measure latency (default: cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from chip.report import FIGURES, write_report
+
+    path = write_report(args.run_dir, latency=not args.no_latency, device=args.device)
+    drawn = [name for name in FIGURES if (path.parent / name).is_file()]
+    print(f"wrote {path} ({len(drawn)} figures: {', '.join(drawn) or 'none'})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- main
 
 # name -> (add arguments, run, one-line help)
@@ -727,6 +747,7 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] =
     "eval": (get_args_parser_eval, cmd_eval, "accuracy, params, MACs (and latency) of a model"),
     "run": (get_args_parser_run, cmd_run, "the whole pipeline from a YAML config"),
     "export": (get_args_parser_export, cmd_export, "write a model artifact as TorchScript or ONNX"),
+    "report": (get_args_parser_report, cmd_report, "report.md and PNG figures of a chip run directory"),
 }
 
 

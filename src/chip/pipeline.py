@@ -677,6 +677,12 @@ def run(config: Mapping, *, progress: bool = True, fresh: bool = False) -> dict:
         ctx.results[stage.name] = result
         _write_json(marker, {"fingerprint": fp, "result": result,
                              "seconds": round(time.perf_counter() - t0, 3)})
+    try:  # report.md + figures; the run's results are saved already, so never fatal
+        from chip import report
+
+        report.write_report(out_dir, device=ctx.device)
+    except Exception as exc:  # noqa: BLE001 - any report failure is only a warning
+        logger.warning("report not written: %s: %s", type(exc).__name__, exc)
     return summarize(cfg, ctx.results)
 
 
