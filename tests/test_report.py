@@ -117,7 +117,8 @@ def test_no_latency_flag(copy_of):
 
 
 @pytest.mark.parametrize("values,scale", [
-    ([1.0, 2.0, 50.0], "linear"),
+    ([1.0, 2.0, 15.0], "linear"),
+    ([1.0, 2.0, 50.0], "log"),
     ([0.01, 5.0], "log"),
     ([0.0, 0.01, 5.0], "log"),  # zeros do not count towards the range
     ([0.0, 0.0], "linear"),

@@ -40,7 +40,7 @@ _SCORE_LABELS = {
     "l1": "filter L1 norm per channel",
     "random": "random score per channel",
 }
-_WIDE_RANGE = 100.0  # log scale when max / min positive score exceeds this
+_WIDE_RANGE = 20.0  # log scale when max / min of the positive values exceeds this
 
 
 @dataclass
@@ -122,6 +122,9 @@ def _save_figure(fig, path: Path) -> None:
         f.write(buf.getvalue())
 
 
+_LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8}
+
+
 def _group_height(n: int) -> float:
     """Figure height (inches) for ``n`` horizontal rows of group names."""
     return min(max(2.2, 0.28 * n + 1.2), 40.0)
@@ -155,17 +158,29 @@ def figure_widths(run: RunData, path: Path) -> str | None:
     ax.set_ylabel("channel group (producer layer)")
     ax.set_xlim(0, max(channels) * 1.18)
     ax.set_title(f"Kept vs original width per group ({run.summary.get('target') or 'plan'})")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(**_LEGEND_OUTSIDE)
     ax.grid(axis="x", alpha=0.3)
     _save_figure(fig, path)
     return None
 
 
 def _score_scale(values: Sequence[float]) -> str:
+    """``"log"`` when the positive values span more than :data:`_WIDE_RANGE`, else linear."""
     positive = [v for v in values if v > 0]
     if not positive:
         return "linear"
     return "log" if max(positive) / min(positive) > _WIDE_RANGE else "linear"
+
+
+def _set_scale(axis, set_scale: Callable[[str], None], scale: str) -> None:
+    """Set a scale; log axes get plain-number tick labels (0.3, 1, 3 ...) instead of 10^k."""
+    set_scale(scale)
+    if scale == "log":
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def figure_scores(run: RunData, path: Path) -> str | None:
@@ -194,10 +209,10 @@ def figure_scores(run: RunData, path: Path) -> str | None:
                     dots[i in keep][1].append(yi)
         for flag, colour, label in ((True, "#2b7bba", "kept"), (False, "#d62728", "pruned")):
             ax.scatter(*dots[flag], s=7, color=colour, alpha=0.55, zorder=3, label=label)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(**_LEGEND_OUTSIDE)
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xscale(scale)
+    _set_scale(ax.xaxis, ax.set_xscale, scale)
     ax.set_xlabel(_SCORE_LABELS.get(run.criterion, f"{run.criterion} score per channel")
                   + (" (log scale)" if scale == "log" else ""))
     ax.set_ylabel("channel group")
@@ -235,6 +250,9 @@ def figure_training(run: RunData, path: Path) -> str | None:
             ax.axvline(offset + 0.5, color="grey", ls=":", lw=1)
         if pruned is not None:
             ax_top1.plot([offset + 0.5], [pruned], "kx", ms=8, label="right after pruning")
+    losses = [r[k] for rows in run.curves.values() for r in rows for k in ("train_loss", "val_loss")]
+    if _score_scale(losses) == "log":  # e.g. a huge first-epoch val loss (BN statistics)
+        _set_scale(ax_loss.yaxis, ax_loss.set_yscale, "log")
     for ax, label in ((ax_loss, "cross-entropy loss"), (ax_top1, "top-1 accuracy (%)")):
         ax.set_xlabel("epoch (baseline, then fine-tuning)")
         ax.set_ylabel(label)
