@@ -64,7 +64,7 @@ class Settings:
     arch: str = "resnet20"
     baseline_epochs: int = 15
     baseline_lr: float = 0.1
-    finetune_epochs: int = 2
+    finetune_epochs: int = 1
     finetune_lr: float = 0.01
     batch_size: int = 128
     seeds: int = 3
