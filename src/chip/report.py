@@ -178,7 +178,9 @@ def _set_scale(axis, set_scale: Callable[[str], None], scale: str) -> None:
     if scale == "log":
         from matplotlib.ticker import FuncFormatter, LogLocator
 
-        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        lo, hi = sorted(abs(v) for v in axis.get_view_interval())
+        decades = math.log10(hi / lo) if lo > 0 else math.inf
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,)))
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
