@@ -74,19 +74,21 @@ class PadShortcutPruner(tp.pruner.BasePruningFunc):
         valid = keep_mask[index]
         return valid, new_pos[index]
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        valid, new_dst = self._renumber(layer.dst.cpu(), idxs, layer.out_channels)
-        layer.src = layer.src[valid.to(layer.src.device)]
-        layer.dst = new_dst[valid].to(layer.dst.device)
-        layer.out_channels -= len(set(idxs))
+    def _prune(self, layer: nn.Module, idxs: Sequence[int], side: str, count: str) -> nn.Module:
+        """Drop the (src, dst) pairs whose ``side`` index is removed; renumber that side."""
+        other = "dst" if side == "src" else "src"
+        index = getattr(layer, side)
+        valid, renumbered = self._renumber(index.cpu(), idxs, getattr(layer, count))
+        setattr(layer, other, getattr(layer, other)[valid.to(index.device)])
+        setattr(layer, side, renumbered[valid].to(index.device))
+        setattr(layer, count, getattr(layer, count) - len(set(idxs)))
         return layer
 
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return self._prune(layer, idxs, "dst", "out_channels")
+
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        valid, new_src = self._renumber(layer.src.cpu(), idxs, layer.in_channels)
-        layer.dst = layer.dst[valid.to(layer.dst.device)]
-        layer.src = new_src[valid].to(layer.src.device)
-        layer.in_channels -= len(set(idxs))
-        return layer
+        return self._prune(layer, idxs, "src", "in_channels")
 
     def get_out_channels(self, layer: nn.Module) -> int:
         return layer.out_channels
