@@ -8,22 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import TINY_RUN
 
 import chip
 from chip import cli, pipeline
 from chip.errors import ChipError
 
-TINY = {
-    "arch": "resnet20",
-    "seed": 0,
-    "threads": 1,
-    "data": {"name": "synthetic", "batch_size": 16, "image_size": 8,
-             "options": {"train_size": 48, "val_size": 32, "num_classes": 4}},
-    "baseline": {"epochs": 1, "warmup_epochs": 0, "lr": 0.05},
-    "calibration": {"batches": 1, "batch_size": 16},
-    "target": {"flops": 0.5},
-    "finetune": {"epochs": 1, "warmup_epochs": 0, "lr": 0.01},
-}
+TINY = TINY_RUN
 
 
 def _config(**changes) -> dict:

@@ -8,21 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import TINY_RUN
 
 from chip import cli, pipeline, report
 from chip.errors import ChipError
 
-TINY = {
-    "arch": "resnet20",
-    "seed": 0,
-    "threads": 1,
-    "data": {"name": "synthetic", "batch_size": 16, "image_size": 8,
-             "options": {"train_size": 48, "val_size": 32, "num_classes": 4}},
-    "baseline": {"epochs": 2, "warmup_epochs": 0, "lr": 0.05},
-    "calibration": {"batches": 1, "batch_size": 16},
-    "target": {"flops": 0.5},
-    "finetune": {"epochs": 2, "warmup_epochs": 0, "lr": 0.01},
-}
+# two epochs per stage, so the training curves have lines, not points
+TINY = {**TINY_RUN, "baseline": {**TINY_RUN["baseline"], "epochs": 2},
+        "finetune": {**TINY_RUN["finetune"], "epochs": 2}}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,0 +1,14 @@
+"""Shared test data (importable from the tests: pytest puts this folder on sys.path)."""
+
+# a whole `chip run` in a few seconds: ResNet-20 on 48 synthetic 8x8 images
+TINY_RUN = {
+    "arch": "resnet20",
+    "seed": 0,
+    "threads": 1,
+    "data": {"name": "synthetic", "batch_size": 16, "image_size": 8,
+             "options": {"train_size": 48, "val_size": 32, "num_classes": 4}},
+    "baseline": {"epochs": 1, "warmup_epochs": 0, "lr": 0.05},
+    "calibration": {"batches": 1, "batch_size": 16},
+    "target": {"flops": 0.5},
+    "finetune": {"epochs": 1, "warmup_epochs": 0, "lr": 0.01},
+}
