@@ -263,3 +263,16 @@ def test_calibration_streams():
     """
     two, twenty = _peak_rss_kb(2), _peak_rss_kb(20)
     assert twenty <= two + 40_000, (two, twenty)
+
+
+def test_calibrate_restores_the_model_when_it_fails():
+    model = TinyNet()
+    model.train()
+
+    def broken(fmaps):
+        raise RuntimeError("criterion failed")
+
+    with pytest.raises(RuntimeError, match="criterion failed"):
+        calibrate(model, _batches(), num_batches=1, criterion=broken, progress=False)
+    assert model.training
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import __version__
 from .errors import ChipError
-from .groups import ChannelGroup, Consumer, GroupGraph, find_groups
+from .groups import Consumer, GroupGraph, find_groups
 from .utils import atomic_write, resolve_device, seed_everything
 
 __all__ = ["ChannelScores", "HookPoint", "calibrate", "hook_points", "reference_points", "CRITERIA"]
@@ -140,7 +140,7 @@ def _gather(x: torch.Tensor, consumer: Consumer) -> torch.Tensor:
 class _Accumulator:
     """Per-hook-point float64 score sums; owned by one calibrate call (no global state)."""
 
-    def __init__(self, points: list[HookPoint], criterion, device):
+    def __init__(self, points: list[HookPoint], criterion):
         self.criterion = criterion
         self.sums: dict[str, torch.Tensor | None] = {p.label: None for p in points}
         self.counts: dict[str, int] = {p.label: 0 for p in points}
@@ -361,23 +361,21 @@ def calibrate(
         seed_everything(seed)
     device = resolve_device(device)
     original_device = next(iter(model.parameters())).device
-    model.to(device)
-    example = _example_from(loader).to(device)
-    graph = graph if graph is not None else find_groups(model, example)
-    points = hook_points(model, graph, example)
-    acc = _Accumulator(points, score_fn, device)
-    handles = []
-    for point in points:
-        group: ChannelGroup = graph[point.group]
-        by_name = {c.name: c for c in group.consumers}
-        for consumer in point.consumers:
-            module = model.get_submodule(consumer)
-            handles.append(module.register_forward_pre_hook(acc.hook(point.label, by_name[consumer])))
-
     was_training = model.training
-    model.eval()
+    example = _example_from(loader).to(device)
+    handles = []
     seen = 0
     try:
+        model.to(device)
+        graph = graph if graph is not None else find_groups(model, example)
+        points = hook_points(model, graph, example)
+        acc = _Accumulator(points, score_fn)
+        for point in points:
+            by_name = {c.name: c for c in graph[point.group].consumers}
+            for consumer in point.consumers:
+                module = model.get_submodule(consumer)
+                handles.append(module.register_forward_pre_hook(acc.hook(point.label, by_name[consumer])))
+        model.eval()
         from tqdm.auto import tqdm
 
         from .distributed import is_main_process
@@ -394,7 +392,7 @@ def calibrate(
                 acc.next_batch()
                 bar.update(1)
         bar.close()
-    finally:
+    finally:  # the model leaves as it came: no hooks, same mode, same device
         for h in handles:
             h.remove()
         model.train(was_training)
