@@ -1,5 +1,18 @@
 """Shared test data (importable from the tests: pytest puts this folder on sys.path)."""
 
+import importlib.util
+from pathlib import Path
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def load_script(name: str):
+    """Import ``tests/scripts/<name>.py`` (scripts that also run as subprocesses) as a module."""
+    spec = importlib.util.spec_from_file_location(f"chip_test_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 # a whole `chip run` in a few seconds: ResNet-20 on 48 synthetic 8x8 images
 TINY_RUN = {
     "arch": "resnet20",

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SCRIPTS, load_script
 from torch.utils.data import DataLoader, DistributedSampler
 
 from chip.distributed import (
@@ -26,10 +25,7 @@ from chip.distributed import (
 )
 from chip.train import evaluate, load_checkpoint
 
-SCRIPTS = Path(__file__).parent / "scripts"
-_spec = importlib.util.spec_from_file_location("chip_test_tiny", SCRIPTS / "tiny.py")
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
+tiny = load_script("tiny")
 
 # launcher/socket failures (rendezvous port races) that say nothing about chip's code
 TRANSIENT_LAUNCH_ERRORS = (

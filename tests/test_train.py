@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -10,12 +9,12 @@ import pickle
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import SCRIPTS, load_script
 from torch.utils.data import DataLoader
 
 from chip.errors import ChipError
@@ -38,10 +37,7 @@ from chip.train import (
     train_one_epoch,
 )
 
-SCRIPTS = Path(__file__).parent / "scripts"
-_spec = importlib.util.spec_from_file_location("chip_test_tiny", SCRIPTS / "tiny.py")
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
+tiny = load_script("tiny")
 
 
 def _loader(n=24, num_classes=4, batch=8, seed=123, **kw):
