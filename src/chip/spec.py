@@ -272,7 +272,7 @@ class WidthCounter:
         for layer in base.layers:
             macs[layer.name] = macs.get(layer.name, 0) + layer.macs
         self.groups = {g.name: g.channels for g in graph}
-        self.layers = []  # (params tensors sizes, macs, out_C, in_C, groups, out-deps, in-deps, kind)
+        self.layers = []  # (name, module, own parameters, base MACs, {'out'|'in': [(group, per)]})
         deps: dict[str, dict[str, list[tuple[str, int]]]] = {}
         for g in graph:
             for name, kind, per in g.members:
@@ -384,11 +384,13 @@ def _solve_budget(kind: str, fraction: float, graph: GroupGraph, counter: WidthC
         return counter(widths)[index] / base, widths
 
     lo, hi = 0.0, 1.0 - 1e-9
-    if achieved(lo)[0] <= fraction:
-        return 0.0, achieved(lo)[1]
-    if achieved(hi)[0] > fraction:
+    unpruned, full_widths = achieved(lo)
+    if unpruned <= fraction:
+        return 0.0, full_widths
+    smallest = achieved(hi)[0]
+    if smallest > fraction:
         raise ChipError(f"{kind} budget {fraction} cannot be met: keeping one channel per group still "
-                        f"leaves {achieved(hi)[0]:.3f} of the baseline")
+                        f"leaves {smallest:.3f} of the baseline")
     for _ in range(60):
         mid = (lo + hi) / 2
         if achieved(mid)[0] <= fraction:
