@@ -425,12 +425,18 @@ def _all_reduce(acc: _Accumulator, device):
 
     if get_world_size() <= 1:
         return acc.sums, acc.counts
-    out_sums, out_counts = {}, {}
-    for label, s in acc.sums.items():
-        s = s.to(device) if s is not None else None
-        if s is None:
-            raise ChipError(f"hook point {label} received no data on this rank")
-        out_sums[label] = all_reduce_sum(s.clone())
-        out_counts[label] = int(all_reduce_sum(torch.tensor(float(acc.counts[label]), device=device)).item())
+    missing = [label for label, s in acc.sums.items() if s is None]
+    if missing:
+        raise ChipError(f"hook point {missing[0]} received no data on this rank")
+    labels = list(acc.sums)
+    # one collective for everything: every point's sums, then every point's sample count
+    flat = torch.cat([acc.sums[lb].to(device, torch.float64) for lb in labels]
+                     + [torch.tensor([float(acc.counts[lb]) for lb in labels],
+                                     dtype=torch.float64, device=device)])
+    all_reduce_sum(flat)
+    sizes = [acc.sums[lb].numel() for lb in labels] + [len(labels)]
+    *parts, counts = torch.split(flat, sizes)
+    out_sums = dict(zip(labels, parts))
+    out_counts = {lb: int(c) for lb, c in zip(labels, counts.tolist())}
     return out_sums, out_counts
 
