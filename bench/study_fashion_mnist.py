@@ -22,6 +22,9 @@ stopped (an interrupted baseline continues from its ``last.pt``). ``--report-onl
     python bench/study_fashion_mnist.py                      # the study (~2 h on 2 CPU cores)
     python bench/study_fashion_mnist.py --report-only        # docs/RESULTS.md from the cache
     python bench/study_fashion_mnist.py --smoke              # everything tiny, in a temp dir
+
+After the cells, the baseline's score stability (``chip.stability``: 10 x 128 images split into
+K = 2 and K = 10 disjoint subsets, chip / hrank / random) is measured once and cached too.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ CRITERIA = ("chip", "hrank", "l1", "random")
 PAPER_STRING = "[0.]+[0.15]*2+[0.4]*27"  # ResNet-56 (n=9): stem, 2 streams, 27 inner rates
 DATA_ROOT = "/usr/share/datasets/fashion-mnist"
 CAL_BATCHES, CAL_BATCH_SIZE = 5, 128
+# stability of the baseline's scores: STABILITY_BATCHES calibration batches split into K disjoint
+# subsets (K=2: each subset is the study's 5 x 128 images; K=10: one batch of 128 each)
+STABILITY_BATCHES, STABILITY_KS = 10, (2, 10)
+STABILITY_CRITERIA = ("chip", "hrank", "random")  # l1 needs no images: identical subsets
+STABILITY_RATE = 0.5
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,10 @@ def score_channels(model, loader, criterion: str, seed: int, device):
 class Study:
     """The cached study in ``out_dir``: baseline, cells and the report."""
 
-    def __init__(self, out_dir: Path, settings: Settings, device: torch.device, progress: bool):
+    def __init__(self, out_dir: Path, settings: Settings, device: torch.device, progress: bool,
+                 data_root: str | Path = DATA_ROOT):
         self.out_dir, self.s, self.device, self.progress = out_dir, settings, device, progress
+        self.data_root = data_root
         self.cells_dir = out_dir / "cells"
         self._data = None
 
@@ -124,7 +134,7 @@ class Study:
     @property
     def data(self):
         if self._data is None:
-            self._data = build_data("fashion-mnist", DATA_ROOT, train_subset=self.s.train_subset,
+            self._data = build_data("fashion-mnist", self.data_root, train_subset=self.s.train_subset,
                                     val_subset=self.s.val_subset, seed=0)
         return self._data
 
@@ -256,6 +266,37 @@ class Study:
                 "finetune_epochs": cfg.epochs, "score_seconds": score_s,
                 "seconds": time.perf_counter() - t0}
 
+    def stability(self, base: torch.nn.Module) -> dict:
+        """``chip.stability`` of the baseline's scores per criterion and K (cached)."""
+        from chip.stability import stability
+
+        path = self.out_dir / "stability.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        train, _, _ = self.data
+        t0 = time.perf_counter()
+        rows = []
+        available = min(STABILITY_BATCHES, -(-len(train) // CAL_BATCH_SIZE))
+        ks = [k for k in STABILITY_KS if k <= available]
+        if len(ks) < len(STABILITY_KS):
+            print(f"stability: only {available} calibration batches; K={ks} only", flush=True)
+        for criterion in STABILITY_CRITERIA:
+            for k in ks:
+                loader = calibration_loader(train, STABILITY_BATCHES, CAL_BATCH_SIZE, seed=0)
+                report = stability(base, loader, k, num_batches=STABILITY_BATCHES,
+                                   rate=STABILITY_RATE, criterion=criterion, seed=0,
+                                   device=self.device)
+                rows.append(report.to_dict())
+                s = report.summary()
+                print(f"stability {criterion:6s} k={k:<2d} ({report.samples_per_subset[0]} images "
+                      f"per subset): spearman {s['spearman_mean']:.3f} (min {s['spearman_min']:.3f}), "
+                      f"overlap {s['overlap_mean']:.3f} (min {s['overlap_min']:.3f})", flush=True)
+        result = {"batches": STABILITY_BATCHES, "batch_size": CAL_BATCH_SIZE,
+                  "rate": STABILITY_RATE, "reports": rows,
+                  "seconds": time.perf_counter() - t0}
+        _write_json(path, result)
+        return result
+
     def run(self, criteria=CRITERIA, skip_unavailable: bool = False) -> None:
         self.check_settings()
         self.print_estimate()
@@ -280,6 +321,7 @@ class Study:
                     print(f"{target:8s} {criterion:6s} seed {seed}: pruned {cell['top1_pruned']:.2f}% "
                           f"-> fine-tuned {cell['top1_finetuned']:.2f}% "
                           f"({cell['seconds'] / 60:.1f} min)", flush=True)
+        self.stability(base)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -380,6 +422,42 @@ def _fmt(ms: tuple[float, float]) -> str:
     return f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def stability_lines(stab: dict, arch: str) -> list[str]:
+    """RESULTS.md section: how much the baseline's scores change with the calibration images."""
+    lines = [
+        "", f"## Is {CAL_BATCHES} x {CAL_BATCH_SIZE} images enough? Score stability on the baseline",
+        "",
+        f"`chip.stability` (what `chip score --stability K` prints) on the {arch} baseline: "
+        f"{stab['batches']} x {stab['batch_size']} augmented training images (seed 0) split into K "
+        "disjoint subsets, each scored on its own; per layer group, every pair of subsets is "
+        "compared by the Spearman correlation of the score vectors and by the overlap of the "
+        f"channels each would keep at rate {stab['rate']}. Means over groups, and the worst "
+        "group. `random` draws independent scores per subset: its values are the chance floor.",
+        "",
+        "| criterion | K | images per subset | Spearman mean | Spearman worst group "
+        "| kept overlap mean | kept overlap worst group |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in stab["reports"]:
+        sm = r["summary"]
+        lines.append(f"| {r['criterion']} | {r['k']} | {r['samples_per_subset'][0]} | "
+                     f"{_num(sm['spearman_mean'])} | {_num(sm['spearman_min'])} | "
+                     f"{_num(sm['overlap_mean'])} | {_num(sm['overlap_min'])} |")
+    chip_k2 = next((r for r in stab["reports"] if r["criterion"] == "chip" and r["k"] == 2), None)
+    if chip_k2 is not None:
+        lines += ["", f"Per group, chip, K=2 ({chip_k2['samples_per_subset'][0]} images per "
+                  "subset, the study's calibration size):", "",
+                  "| group | channels | kept | Spearman | kept overlap |", "|---|---:|---:|---:|---:|"]
+        for g in chip_k2["groups"]:
+            lines.append(f"| {g['name']} | {g['channels']} | {g['kept']} | "
+                         f"{_num(g['spearman_mean'])} | {_num(g['overlap_mean'])} |")
+    return lines
+
+
 def write_results(study: Study, results: Path, command: str, gpu_table: Path | None,
                   report_command: str) -> Path:
     """docs/RESULTS.md (and its plot) from the cached cells."""
@@ -426,8 +504,13 @@ def write_results(study: Study, results: Path, command: str, gpu_table: Path | N
                          f"({best[0]:.2f}%{gap}; compare with the std column).")
     if agg:
         lines += ["", f"![top-1 per criterion]({figure.name})"]
-    total = sum(c["seconds"] for c in cells) + record["seconds"]
-    lines += ["", f"Compute: {total / 3600:.2f} h for the baseline and {len(cells)} cells.", "",
+    stab_path = study.out_dir / "stability.json"
+    stab = json.loads(stab_path.read_text()) if stab_path.is_file() else None
+    if stab is not None:
+        lines += stability_lines(stab, s.arch)
+    total = sum(c["seconds"] for c in cells) + record["seconds"] + (stab or {}).get("seconds", 0)
+    lines += ["", f"Compute: {total / 3600:.2f} h for the baseline, {len(cells)} cells"
+              f"{' and the stability check' if stab else ''}.", "",
               "Commands:", "", "```", command,
               f"{report_command}   # this file from the cache",
               "```"]
@@ -455,6 +538,8 @@ def main(argv=None) -> int:
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data-root", default=DATA_ROOT,
+                    help=f"Fashion-MNIST IDX files (default: {DATA_ROOT})")
     ap.add_argument("--report-only", action="store_true", help="only write RESULTS.md from the cache")
     ap.add_argument("--gpu-table", type=Path, default=None,
                     help="also put this bench/gpu.sh output into RESULTS.md")
@@ -475,7 +560,7 @@ def main(argv=None) -> int:
         cached = out_dir / "settings.json"
         if args.report_only and cached.is_file():  # describe the cache, not today's flags
             settings = Settings(**json.loads(cached.read_text()))
-    study = Study(out_dir, settings, torch.device(args.device), args.progress)
+    study = Study(out_dir, settings, torch.device(args.device), args.progress, args.data_root)
     command = shlex.join(["python", "bench/study_fashion_mnist.py",
                           *(argv if argv is not None else sys.argv[1:])])
     if not args.report_only:

@@ -1,7 +1,11 @@
 """Shared test data (importable from the tests: pytest puts this folder on sys.path)."""
 
+import gzip
 import importlib.util
+import struct
 from pathlib import Path
+
+import numpy as np
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -25,3 +29,34 @@ TINY_RUN = {
     "target": {"flops": 0.5},
     "finetune": {"epochs": 1, "warmup_epochs": 0, "lr": 0.01},
 }
+
+
+# ------------------------------------------------------------------ IDX (MNIST-format) files
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX: 0x0000, type 0x08 (ubyte), ndim, big-endian int32 dims, then the bytes."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path, array, gz):
+    data = idx_bytes(array)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_mnist(root, rng, gz, train=5, test=4):
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for prefix, n in (("train", train), ("t10k", test)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        x[0] = 0
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", x, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", y, gz)
+        out += [x, y]
+    return tuple(out)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest
 import torch
+from helpers import idx_bytes, write_idx, write_mnist
 from PIL import Image
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
 
@@ -75,34 +74,6 @@ def write_cifar100(root, rng, train=4, test=3):
         out += [x, y]
     names = [f"fine{i}".encode() for i in range(100)]
     _pickle(folder / "meta", {b"fine_label_names": names, b"coarse_label_names": []})
-    return tuple(out)
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX: 0x0000, type 0x08 (ubyte), ndim, big-endian int32 dims, then the bytes."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(path, array, gz):
-    data = idx_bytes(array)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data)
-    path.write_bytes(data)
-    return path
-
-
-def write_mnist(root, rng, gz, train=5, test=4):
-    root.mkdir(parents=True, exist_ok=True)
-    out = []
-    for prefix, n in (("train", train), ("t10k", test)):
-        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        x[0] = 0
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        write_idx(root / f"{prefix}-images-idx3-ubyte", x, gz)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", y, gz)
-        out += [x, y]
     return tuple(out)
 
 
