@@ -105,3 +105,10 @@ def test_study_runs_caches_resumes_and_reports(study_module, tmp_path):
     assert f"{record['best_top1']:.2f}%" in text
     assert "## Is 2 x 8 images enough?" in text
     assert text.count("| random |") == 2
+    assert "## GPU check" in text and "Not run for this file" in text
+
+    gpu = tmp_path / "gpu.txt"
+    gpu.write_text("metric | value\nci ms | 1.0\n")
+    m.write_results(study, results, "python bench/study_fashion_mnist.py", gpu, "report")
+    text = results.read_text()
+    assert "ci ms | 1.0" in text and "Not run for this file" not in text
