@@ -102,6 +102,13 @@ def test_study_runs_caches_resumes_and_reports(study_module, tmp_path):
                 vals = [c[key] for c in group]
                 expect = f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}"
                 assert expect in row, (row, expect)
+        # the order line lists the criteria by their recomputed means, best first
+        means = {c: statistics.fmean(x["top1_finetuned"] for x in cells
+                                     if x["target"] == target and x["criterion"] == c)
+                 for c in criteria}
+        order = " > ".join(f"{c} {means[c]:.2f}"
+                           for c in sorted(criteria, key=lambda c: -means[c]))
+        assert f"* `{target}`, after fine-tuning: {order}" in text
     assert f"{record['best_top1']:.2f}%" in text
     assert "## Is 2 x 8 images enough?" in text
     assert text.count("| random |") == 2
