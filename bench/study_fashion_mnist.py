@@ -280,10 +280,10 @@ class Study:
         ks = [k for k in STABILITY_KS if k <= available]
         if len(ks) < len(STABILITY_KS):
             print(f"stability: only {available} calibration batches; K={ks} only", flush=True)
+        batches = list(calibration_loader(train, STABILITY_BATCHES, CAL_BATCH_SIZE, seed=0))
         for criterion in STABILITY_CRITERIA:
             for k in ks:
-                loader = calibration_loader(train, STABILITY_BATCHES, CAL_BATCH_SIZE, seed=0)
-                report = stability(base, loader, k, num_batches=STABILITY_BATCHES,
+                report = stability(base, batches, k, num_batches=STABILITY_BATCHES,
                                    rate=STABILITY_RATE, criterion=criterion, seed=0,
                                    device=self.device)
                 rows.append(report.to_dict())
@@ -422,19 +422,13 @@ def _fmt(ms: tuple[float, float]) -> str:
     return f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
-def ranking(agg: dict, target: str, key: str) -> list[tuple[str, float, float]]:
-    """``(criterion, mean, std)`` of one target, best mean first."""
-    rows = [(c, *a[key]) for (t, c), a in agg.items() if t == target]
-    return sorted(rows, key=lambda r: -r[1])
-
-
 def ranking_lines(agg: dict) -> list[str]:
-    """One line per target and stage: criteria ordered by mean top-1, with the gap to the next."""
+    """One line per target and stage: the criteria ordered by mean top-1, best first."""
     lines = ["", "Order of the means (the std column says which gaps exceed the seed noise):", ""]
     for target in dict.fromkeys(t for t, _ in agg):
         for key, stage in (("pruned", "right after pruning"), ("finetuned", "after fine-tuning")):
-            ranked = ranking(agg, target, key)
-            order = " > ".join(f"{c} {m:.2f}" for c, m, _ in ranked)
+            means = [(c, a[key][0]) for (t, c), a in agg.items() if t == target]
+            order = " > ".join(f"{c} {m:.2f}" for c, m in sorted(means, key=lambda r: -r[1]))
             lines.append(f"* `{target}`, {stage}: {order}")
     if any(c == "l1" for _, c in agg):
         lines += ["", "l1 reads only the weights, so its pruned model is the same for every seed "
