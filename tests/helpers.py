@@ -3,6 +3,7 @@
 import gzip
 import importlib.util
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,19 @@ import numpy as np
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def load_script(name: str):
-    """Import ``tests/scripts/<name>.py`` (scripts that also run as subprocesses) as a module."""
-    spec = importlib.util.spec_from_file_location(f"chip_test_{name}", SCRIPTS / f"{name}.py")
+def load_module(path: Path, name: str):
+    """Import the file ``path`` as module ``name``, registered in ``sys.modules`` (dataclasses
+    with postponed annotations look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_script(name: str):
+    """Import ``tests/scripts/<name>.py`` (scripts that also run as subprocesses) as a module."""
+    return load_module(SCRIPTS / f"{name}.py", f"chip_test_{name}")
 
 # a whole `chip run` in a few seconds: ResNet-20 on 48 synthetic 8x8 images
 TINY_RUN = {

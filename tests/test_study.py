@@ -3,27 +3,22 @@ stability and the RESULTS.md it writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import write_idx
+from helpers import load_module, write_idx
 
 STUDY = Path(__file__).parents[1] / "bench" / "study_fashion_mnist.py"
 
 
 @pytest.fixture()
 def study_module(monkeypatch):
-    spec = importlib.util.spec_from_file_location("chip_study_fashion_mnist", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = load_module(STUDY, "chip_study_fashion_mnist")
     # tiny calibration: 2 x 8 images per cell, 4 x 8 images for the stability check
     monkeypatch.setattr(module, "CAL_BATCHES", 2)
     monkeypatch.setattr(module, "CAL_BATCH_SIZE", 8)
