@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -133,6 +134,76 @@ def test_tied_parameters_counted_once():
     counts = count(model, (1, 4))
     assert counts.params == 16
     assert counts.macs == 2 * 16
+
+
+# ---------------------------------------------------------------------------- transposed convs
+
+
+def upsampler():
+    """Conv2d 3->8 (4x4), ConvTranspose2d 8->4 k2 s2 (4x4 -> 8x8), Conv2d 4->2 1x1 (8x8)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2),
+                         nn.Conv2d(4, 2, 1))
+
+
+def test_transposed_conv_is_counted():
+    counts = count(upsampler(), (1, 3, 4, 4))
+    # 8*4*4 outputs * 3*3*3 + 8*4*4 inputs * 4*2*2 + 2*8*8 outputs * 4
+    assert [(layer.name, layer.macs) for layer in counts.layers] == [
+        ("0", 3_456), ("1", 2_048), ("2", 512)]
+    assert counts.macs == 6_016
+
+
+def test_transposed_conv_layer_record():
+    model = upsampler()
+    layer = count(model, (1, 3, 4, 4)).layers[1]
+    assert layer == LayerCount("1", "ConvTranspose2d", 8 * 4 * 2 * 2 + 4, 2_048,
+                               (1, 8, 4, 4), (1, 4, 8, 8))
+    assert layer.params == sum(p.numel() for p in model[1].parameters())
+
+
+def transposed_macs_by_definition(c_in, c_out, groups, kernel, in_spatial):
+    """One MAC per (input channel, input position, output channel of its group, kernel offset):
+    a transposed conv multiplies every input element by each weight that connects it to an
+    output; enumerated literally, not from a closed form."""
+    per_group_in, per_group_out = c_in // groups, c_out // groups
+    macs = 0
+    for ci in range(c_in):
+        group = ci // per_group_in
+        outs = range(group * per_group_out, (group + 1) * per_group_out)
+        for _pos, _co, _offset in itertools.product(
+            itertools.product(*map(range, in_spatial)), outs,
+            itertools.product(*map(range, kernel)),
+        ):
+            macs += 1
+    return macs
+
+
+# id -> (layer, input_size, hand-written MACs: in_ch * positions * out_ch/groups * kernel volume)
+TRANSPOSED_CASES = {
+    "grouped2d": (lambda: nn.ConvTranspose2d(6, 9, (3, 2), stride=2, padding=1, output_padding=1,
+                                             groups=3),
+                  (1, 6, 5, 7), 6 * (5 * 7) * (9 // 3) * (3 * 2)),
+    "depthwise2d": (lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, groups=4, bias=False),
+                    (1, 4, 3, 3), 4 * (3 * 3) * 1 * (3 * 3)),
+    "1d": (lambda: nn.ConvTranspose1d(3, 5, 4, stride=3, dilation=2), (1, 3, 6),
+           3 * 6 * 5 * 4),
+    "3d": (lambda: nn.ConvTranspose3d(2, 4, (2, 3, 1), stride=(1, 2, 2), groups=2),
+           (1, 2, 2, 3, 4), 2 * (2 * 3 * 4) * (4 // 2) * (2 * 3 * 1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRANSPOSED_CASES))
+def test_transposed_conv_macs_by_definition(case):
+    build, input_size, expected = TRANSPOSED_CASES[case]
+    layer = build()
+    assert expected == transposed_macs_by_definition(
+        layer.in_channels, layer.out_channels, layer.groups, layer.kernel_size, input_size[2:])
+    counts = count(nn.Sequential(layer), input_size)
+    assert counts.macs == expected
+    (record,) = counts.layers
+    assert record.kind == type(layer).__name__
+    assert record.in_shape == input_size
+    assert record.out_shape == tuple(layer(torch.zeros(input_size)).shape)
 
 
 # --------------------------------------------------------------------------- model left untouched

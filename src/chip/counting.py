@@ -1,8 +1,12 @@
 """Parameter and MAC counting (SPEC section 5).
 
 Convention: ``params`` is every parameter of the model (shared parameters once); ``macs`` is the
-number of multiply-accumulates of ``nn.Conv1d/2d/3d`` and ``nn.Linear`` layers for ONE image
-(bias, BatchNorm, activations and pooling are not counted). The paper's "FLOPs" are these MACs.
+number of multiply-accumulates of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and
+``nn.Linear`` layers for ONE image (bias, BatchNorm, activations and pooling are not counted). A
+convolution costs ``in_channels / groups * prod(kernel_size)`` MACs per OUTPUT element; a transposed
+convolution scatters every INPUT element into ``out_channels / groups * prod(kernel_size)`` outputs,
+so it costs ``in_channels * out_channels / groups * prod(kernel_size)`` MACs per input position
+(whatever its stride, padding or ``output_padding``). The paper's "FLOPs" are these MACs.
 
     >>> counts = count(model, (1, 3, 32, 32))
     >>> print(format_count(counts.params), format_count(counts.macs))
@@ -31,21 +35,35 @@ __all__ = ["CONVENTION", "Counts", "LayerCount", "count", "format_count", "reduc
 CONVENTION = "MACs of conv+linear layers, batch 1"
 
 
-def _conv_macs(module: nn.Module, output: torch.Tensor) -> int:
+def _conv_macs(module: nn.Module, input: torch.Tensor | None, output: torch.Tensor) -> int:
     """Every output element costs ``in_channels / groups * prod(kernel)`` MACs (bias not counted)."""
     return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
-def _linear_macs(module: nn.Module, output: torch.Tensor) -> int:
+def _conv_transpose_macs(module: nn.Module, input: torch.Tensor | None,
+                         output: torch.Tensor) -> int:
+    """Every input element is multiplied into ``out_channels / groups * prod(kernel)`` outputs, i.e.
+    ``in_channels * out_channels / groups * prod(kernel)`` MACs per input position (bias not
+    counted; outputs cropped by ``padding`` are counted too: the product is still computed)."""
+    if input is None:
+        raise TypeError(f"{type(module).__name__}: expected the input as a positional tensor")
+    return input.numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
+
+
+def _linear_macs(module: nn.Module, input: torch.Tensor | None, output: torch.Tensor) -> int:
     """Every output element costs ``in_features`` MACs (bias not counted)."""
     return output.numel() * module.in_features
 
 
-# counted layer type -> MACs of one call, from the module and its (batch-1) output
-MAC_RULES: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor], int]] = {
+# counted layer type -> MACs of one call, from the module, its (batch-1) input and its output;
+# a subclass is counted by the rule of its nearest listed base class
+MAC_RULES: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor | None, torch.Tensor], int]] = {
     nn.Conv1d: _conv_macs,
     nn.Conv2d: _conv_macs,
     nn.Conv3d: _conv_macs,
+    nn.ConvTranspose1d: _conv_transpose_macs,
+    nn.ConvTranspose2d: _conv_transpose_macs,
+    nn.ConvTranspose3d: _conv_transpose_macs,
     nn.Linear: _linear_macs,
 }
 
@@ -225,16 +243,21 @@ def _counted_rule(module: nn.Module):
 
 
 def _record(records: list, name: str, rule, module: nn.Module, args, output) -> None:
-    """Forward hook: append one LayerCount for this call (state lives in ``records`` only)."""
+    """Forward hook: append one LayerCount for this call (state lives in ``records`` only).
+
+    The rule gets the module, its input (the first positional argument; None if that is not a
+    tensor, which only the input-based rules reject) and its output.
+    """
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor output, got {type(output).__name__}")
+    inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
     records.append(
         LayerCount(
             name=name,
             kind=type(module).__name__,
             params=sum(p.numel() for p in module.parameters(recurse=False)),
-            macs=int(rule(module, output)),
-            in_shape=tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else (),
+            macs=int(rule(module, inp, output)),
+            in_shape=tuple(inp.shape) if inp is not None else (),
             out_shape=tuple(output.shape),
         )
     )
