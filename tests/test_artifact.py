@@ -406,6 +406,60 @@ def test_builder_roundtrip(builder_module, tmp_path):
         assert torch.equal(loaded(x), pruned(x))
 
 
+@pytest.mark.parametrize("pruned", [False, True], ids=["unpruned", "pruned"])
+def test_state_dict_metadata_roundtrip_mnasnet(pruned, tmp_path):
+    """torchvision's MNASNet refuses a state dict without its ``version`` metadata."""
+    torchvision = pytest.importorskip("torchvision")
+    gen = torch.Generator().manual_seed(3)
+    model = _randomize(torchvision.models.mnasnet0_5(weights=None, num_classes=10), gen)
+    if pruned:
+        model = apply(model, plan(model, None, 0.3, input_size=(1, 3, 64, 64))).eval()
+    path = save(model, tmp_path / "m.safetensors", builder="torchvision.models:mnasnet0_5",
+                builder_kwargs={"num_classes": 10})
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["chip.artifact"])
+    assert header["state_dict_metadata"] == {k: dict(v) for k, v in model.state_dict()._metadata.items()}
+    assert header["state_dict_metadata"][""] == {"version": 2}
+    loaded = load(path, trust_builder=True)
+    assert not loaded.training
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_header_without_state_dict_metadata_still_loads(saved, tmp_path):
+    """Files written before ``state_dict_metadata`` existed load as before."""
+    src = saved / f"{PRUNED_RESNET}.safetensors"
+    path = _rewrite(src, tmp_path / "old.safetensors", lambda h: h.pop("state_dict_metadata"))
+    with safe_open(path, "pt") as f:
+        assert "state_dict_metadata" not in json.loads(f.metadata()["chip.artifact"])
+    old, new = load(path), load(src)
+    x = load_file(str(saved / "inputs.safetensors"))[PRUNED_RESNET]
+    with torch.no_grad():
+        assert torch.equal(old(x), new(x))
+    assert load_info(path)["arch"] == "resnet20"
+
+
+@pytest.mark.parametrize("metadata", [
+    [["", {"version": 1}]], "version 1", 3, {"": 2}, {"layer1": [1, 2]}, {"": None},
+], ids=["list", "string", "number", "entry_number", "entry_list", "entry_null"])
+def test_malformed_state_dict_metadata(metadata, saved, tmp_path):
+    path = _rewrite(saved / f"{PRUNED_RESNET}.safetensors", tmp_path / "t.safetensors",
+                    lambda h: h.update(state_dict_metadata=metadata))
+    with pytest.raises(ChipError, match="state_dict_metadata is malformed") as err:
+        load(path)
+    message = str(err.value)
+    assert path in message and "dict of module prefix -> dict" in message and "\n" not in message
+
+
+def test_unserialisable_state_dict_metadata_is_refused_on_save(tmp_path):
+    model = M.create("resnet20")
+    model.fc._version = {1, 2}  # state_dict() stores it as _metadata["fc"]["version"]
+    with pytest.raises(ChipError, match="state_dict metadata is not JSON-serialisable"):
+        save(model, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("builder, message", [
     ("no_colon", "expected 'package.module:function'"),
     ("a.b:c d", "expected 'package.module:function'"),

@@ -7,7 +7,8 @@ entry (key ``"chip.artifact"``), a JSON header naming how to rebuild the module:
      "arch": "resnet56", "kwargs": {"num_classes": 10, "in_channels": 3},
      "builder": null, "plan": {...PruningPlan.to_dict()...} or null,
      "chip_version": "0.1.0", "torch_version": "2.14.1", "extra": {...user data...},
-     "check_buffers": ["layer2.0.shortcut.src", ...]}
+     "check_buffers": ["layer2.0.shortcut.src", ...],
+     "state_dict_metadata": {"": {"version": 2}, "layers.0": {"version": 1}, ...}}
 
 :func:`load` rebuilds ``chip.models.create(arch, **kwargs)``, re-applies the plan with
 :func:`chip.prune.apply` and loads the weights with ``strict=True``. Nothing is unpickled, so a
@@ -19,6 +20,12 @@ Non-persistent buffers (the ``src`` / ``dst`` index buffers of the option-A
 rebuilds them. Their saved values are stored as well (``check_buffers``, under the tensor-name
 prefix ``__chip_check__.``) and compared after the rebuild, so a plan that does not match the
 stored model is an error instead of silently wrong outputs.
+
+``state_dict_metadata`` is the ``_metadata`` that ``nn.Module.state_dict()`` attaches (module
+prefix -> ``{"version": ...}``, the per-module format versions that some modules'
+``_load_from_state_dict`` need, e.g. torchvision's MNASNet); :func:`load` puts it back on the state
+dict before ``load_state_dict``, as ``torch.load`` would. Files written without it (older chip)
+load as before, with no metadata.
 
 Models outside the zoo (no ``chip_arch``) cannot be rebuilt from data alone. Either export them
 (:func:`export_torchscript`, :func:`export_onnx`) or name a builder, ``"package.module:function"``,
@@ -36,6 +43,7 @@ import io
 import json
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -89,8 +97,10 @@ def save(model: nn.Module, path, *, extra: Mapping[str, Any] | None = None,
         raise ChipError(f"chip.save needs an nn.Module, got {type(model).__name__}; "
                         "save TorchScript modules with torch.jit.save")
     header = _header(model, extra, builder, builder_kwargs)
-    tensors, checks = _tensors(model)
+    tensors, checks, metadata = _tensors(model)
     header["check_buffers"] = checks
+    header["state_dict_metadata"] = _state_metadata(metadata, "the model's state_dict metadata")
+    _json(header["state_dict_metadata"], "the model's state_dict metadata")
     from safetensors.torch import save as st_save
 
     blob = st_save(tensors, metadata={_META_KEY: _json(header, "header")})
@@ -146,14 +156,33 @@ def _json(value: Any, what: str) -> str:
                         "strings, finite numbers, booleans and None") from None
 
 
-def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """CPU copies of the state_dict plus the non-persistent buffers (prefixed), for safetensors."""
+def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], Any]:
+    """CPU copies of the state_dict plus the non-persistent buffers (prefixed), for safetensors,
+    and the state_dict's ``_metadata`` (None if it has none)."""
     state = model.state_dict()
     tensors = {k: _cpu_copy(v) for k, v in state.items()}
     checks = [name for name, _ in model.named_buffers() if name not in state]
     for name in checks:
         tensors[_CHECK_PREFIX + name] = _cpu_copy(model.get_buffer(name))
-    return tensors, checks
+    return tensors, checks, getattr(state, "_metadata", None)
+
+
+_METADATA_FORM = ("expected a dict of module prefix -> dict of JSON values, e.g. "
+                  '{"": {"version": 2}, "layers.0": {"version": 1}}')
+
+
+def _state_metadata(value: Any, what: str) -> dict[str, dict[str, Any]] | None:
+    """``value`` as a plain ``{prefix: {name: value}}`` dict (None stays None); ChipError naming
+    ``what`` and the first offending entry if it has another form."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ChipError(f"{what} is malformed (a {type(value).__name__}); {_METADATA_FORM}")
+    for prefix, entry in value.items():
+        if not (isinstance(prefix, str) and isinstance(entry, Mapping)
+                and all(isinstance(name, str) for name in entry)):
+            raise ChipError(f"{what} is malformed (entry {prefix!r:.60}: {entry!r:.60}); {_METADATA_FORM}")
+    return {prefix: dict(entry) for prefix, entry in value.items()}
 
 
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
@@ -264,6 +293,8 @@ def load(path, *, map_location="cpu", trust_builder: bool = False) -> nn.Module:
 
     device = _device(map_location)
     header, _ = _read_header(path)
+    metadata = _state_metadata(header.get("state_dict_metadata"),
+                               f"{path}: the stored state_dict_metadata")
     plan = _plan(header)
     model = _build(path, header, trust_builder)
     if plan is not None:
@@ -280,7 +311,10 @@ def load(path, *, map_location="cpu", trust_builder: bool = False) -> nn.Module:
     checks = {k[len(_CHECK_PREFIX):]: tensors.pop(k) for k in list(tensors)
               if k.startswith(_CHECK_PREFIX)}
     _check_state(path, model, tensors)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    state = OrderedDict(tensors)  # a plain dict cannot carry _metadata
+    if metadata is not None:
+        state._metadata = metadata
+    model.load_state_dict(state, strict=True, assign=True)
     _check_buffers(path, model, checks, header.get("check_buffers", []))
     model.chip_kwargs = dict(header.get("kwargs") or {})
     if header.get("arch") is not None:
