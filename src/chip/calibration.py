@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from . import __version__
 from .errors import ChipError
-from .groups import Consumer, GroupGraph, find_groups
-from .utils import atomic_write, resolve_device, seed_everything
+from .groups import GroupGraph, Member, find_groups
+from .utils import atomic_write, eval_mode, resolve_device, seed_everything
 
 __all__ = ["ChannelScores", "HookPoint", "calibrate", "hook_points", "reference_points", "CRITERIA"]
 
@@ -64,12 +64,19 @@ class HookPoint:
     The label is the deepest module whose forward returned the tensor (ties: the latest, so an
     in-place ReLU wins over the BatchNorm before it), with ``:k`` appended when that module runs
     several times per forward (torchvision's Bottleneck reuses one ReLU). Pass-through modules
-    (Identity, Dropout) are never producers. A tensor no module returned (e.g. a functional flatten) is labelled ``"<consumer>:input"``.
+    (Identity, Dropout) are never producers. A tensor no module returned (e.g. a functional flatten
+    or concatenation) is labelled ``"<consumer>:input"`` (``:input:k`` for the k-th call of a
+    consumer called several times). When one tensor carries several groups' channels (a
+    concatenation read by one conv), each group gets its own point, labelled ``"<label>[<group>]"``.
+
+    ``calls`` lists every (consumer, call index) that reads the tensor; every call of a module
+    called several times per forward (a shared head) is a separate point.
     """
 
     label: str
     group: str
     consumers: tuple[str, ...]
+    calls: tuple[tuple[str, int], ...] = ()
 
 
 def hook_points(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tensor) -> list[HookPoint]:
@@ -78,8 +85,12 @@ def hook_points(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tenso
     produced: dict[int, list[tuple[int, int, str, int]]] = {}  # id -> (depth, seq, name, call)
     calls: dict[str, int] = {}
     keep_alive: list[torch.Tensor] = []
-    reads: list[tuple[str, int]] = []  # (consumer, tensor id) in execution order
-    consumer_names = {c.name for g in graph for c in g.consumers}
+    reads: list[tuple[str, int, int]] = []  # (consumer, call, tensor id) in execution order
+    read_calls: dict[str, int] = {}
+    members: dict[str, list[tuple[str, Member]]] = {}
+    for g in graph:
+        for c in g.consumers:
+            members.setdefault(c.name, []).append((g.name, c))
     seq = [0]
 
     def on_output(module, _inputs, output):
@@ -93,78 +104,99 @@ def hook_points(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tenso
         produced.setdefault(id(output), []).append((name.count(".") + 1, seq[0], name, call))
 
     def on_input(module, inputs):
+        name = names[module]
         keep_alive.append(inputs[0])
-        reads.append((names[module], id(inputs[0])))
+        reads.append((name, read_calls.get(name, 0), id(inputs[0])))
+        read_calls[name] = read_calls.get(name, 0) + 1
 
     handles = [m.register_forward_hook(on_output) for m in names]
-    handles += [m.register_forward_pre_hook(on_input) for m, n in names.items() if n in consumer_names]
-    was_training = model.training
-    model.eval()
+    handles += [m.register_forward_pre_hook(on_input) for m, n in names.items() if n in members]
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(example_inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
 
-    consumer_group = {c.name: g.name for g in graph for c in g.consumers}
-    by_tensor: dict[tuple[str, int], list[str]] = {}
-    order: list[tuple[str, int]] = []
+    groups_of_tensor: dict[int, set[str]] = {}
+    for consumer, _, tid in reads:
+        groups_of_tensor.setdefault(tid, set()).update(g for g, _ in members[consumer])
+    by_key: dict[tuple[str, int], list[tuple[str, int]]] = {}
     labels: dict[tuple[str, int], str] = {}
-    for consumer, tid in reads:
-        key = (consumer_group[consumer], tid)
-        if key not in by_tensor:
-            by_tensor[key] = []
-            order.append(key)
-            if tid in produced:
-                _, _, name, call = max(produced[tid])
-                labels[key] = f"{name}:{call}" if calls[name] > 1 else name
-            else:
-                labels[key] = f"{consumer}:input"
-        if consumer not in by_tensor[key]:
-            by_tensor[key].append(consumer)
-    return [HookPoint(labels[k], k[0], tuple(by_tensor[k])) for k in order]
+    used: set[str] = set()
+    for consumer, call, tid in reads:
+        for group, _member in members[consumer]:
+            key = (group, tid)
+            if key not in by_key:
+                by_key[key] = []
+                if tid in produced:
+                    _, _, name, pcall = max(produced[tid])
+                    label = f"{name}:{pcall}" if calls[name] > 1 else name
+                else:
+                    label = f"{consumer}:input" + (f":{call}" if read_calls[consumer] > 1 else "")
+                if len(groups_of_tensor[tid]) > 1:
+                    label = f"{label}[{group}]"
+                base, n = label, 1
+                while label in used:
+                    n += 1
+                    label = f"{base}#{n}"
+                used.add(label)
+                labels[key] = label
+            if (consumer, call) not in by_key[key]:
+                by_key[key].append((consumer, call))
+    return [HookPoint(labels[k], k[0], tuple(dict.fromkeys(c for c, _ in v)), tuple(v))
+            for k, v in by_key.items()]
 
 
-def _gather(x: torch.Tensor, consumer: Consumer) -> torch.Tensor:
-    """The group's channels out of a consumer's input: (N, C, ...) maps."""
+def _gather(x: torch.Tensor, consumer: Member) -> torch.Tensor:
+    """The group's channels out of a consumer's input: (N, C, ...) maps.
+
+    The consumer's channel axis (1, or -1 for linear layers and channels-last tensors) is moved
+    to dim 1 first; a flattened (N, F) input gives (N, C, r) (each channel spans r features).
+    """
+    if consumer.axis % x.dim() != 1:
+        x = x.movedim(consumer.axis, 1)
     if consumer.is_identity and x.dim() > 2:
         return x
     index = consumer.index.to(x.device)
-    if x.dim() == 2:  # linear input (N, F): each channel spans r features
+    if x.dim() == 2:
         return x[:, index]
     return x.index_select(1, index[:, 0])
 
 
 class _Accumulator:
-    """Per-hook-point float64 score sums; owned by one calibrate call (no global state)."""
+    """Per-hook-point float64 score sums; owned by one calibrate call (no global state).
 
-    def __init__(self, points: list[HookPoint], criterion):
+    One forward pre-hook per consumer module counts that module's calls within the batch and
+    scores the points whose first reader is this call.
+    """
+
+    def __init__(self, points: list[HookPoint], criterion, graph: GroupGraph):
         self.criterion = criterion
         self.sums: dict[str, torch.Tensor | None] = {p.label: None for p in points}
         self.counts: dict[str, int] = {p.label: 0 for p in points}
-        self.batch = 0
-        self.done: set[tuple[int, str]] = set()
+        self.dispatch: dict[str, dict[int, list[tuple[str, Member]]]] = {}
+        for p in points:
+            consumer, call = p.calls[0]
+            member = next(c for c in graph[p.group].consumers if c.name == consumer)
+            self.dispatch.setdefault(consumer, {}).setdefault(call, []).append((p.label, member))
+        self.calls: dict[str, int] = {}
 
-    def hook(self, label: str, consumer: Consumer):
+    def hook(self, consumer: str):
         def _hook(_module, inputs):
-            key = (self.batch, label)
-            if key in self.done:
-                return
-            self.done.add(key)
-            fmaps = _gather(inputs[0], consumer)
-            scores = self.criterion(fmaps).to(torch.float64)
-            total = scores.sum(0)
-            prev = self.sums[label]
-            self.sums[label] = total if prev is None else prev + total
-            self.counts[label] += scores.shape[0]
+            call = self.calls.get(consumer, 0)
+            self.calls[consumer] = call + 1
+            for label, member in self.dispatch[consumer].get(call, ()):
+                scores = self.criterion(_gather(inputs[0], member)).to(torch.float64)
+                total = scores.sum(0)
+                prev = self.sums[label]
+                self.sums[label] = total if prev is None else prev + total
+                self.counts[label] += scores.shape[0]
 
         return _hook
 
     def next_batch(self) -> None:
-        self.batch += 1
-        self.done.clear()
+        self.calls.clear()
 
 
 def _split_batch(batch) -> torch.Tensor:
@@ -361,20 +393,18 @@ def calibrate(
         seed_everything(seed)
     device = resolve_device(device)
     original_device = next(iter(model.parameters())).device
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     example = _example_from(loader).to(device)
     handles = []
     seen = 0
     try:
         model.to(device)
-        graph = graph if graph is not None else find_groups(model, example)
+        graph = graph if graph is not None else find_groups(model, example, check=False)
         points = hook_points(model, graph, example)
-        acc = _Accumulator(points, score_fn)
-        for point in points:
-            by_name = {c.name: c for c in graph[point.group].consumers}
-            for consumer in point.consumers:
-                module = model.get_submodule(consumer)
-                handles.append(module.register_forward_pre_hook(acc.hook(point.label, by_name[consumer])))
+        acc = _Accumulator(points, score_fn, graph)
+        for consumer in acc.dispatch:
+            module = model.get_submodule(consumer)
+            handles.append(module.register_forward_pre_hook(acc.hook(consumer)))
         model.eval()
         from tqdm.auto import tqdm
 
@@ -392,10 +422,11 @@ def calibrate(
                 acc.next_batch()
                 bar.update(1)
         bar.close()
-    finally:  # the model leaves as it came: no hooks, same mode, same device
+    finally:  # the model leaves as it came: no hooks, same flags, same device
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in flags:
+            m.training = training
         model.to(original_device)
 
     sums, counts = _all_reduce(acc, device)

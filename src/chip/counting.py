@@ -18,19 +18,19 @@ is left exactly as it was (same modules, buffers, training flags and device, no 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from chip.errors import ChipError
+from chip.utils import eval_mode
 
-__all__ = ["CONVENTION", "Counts", "LayerCount", "count", "format_count", "reduction"]
+__all__ = ["CONVENTION", "Counts", "LayerCount", "WidthCounter", "count", "format_count", "reduction"]
 
 CONVENTION = "MACs of conv+linear layers, batch 1"
 
@@ -225,18 +225,6 @@ def on_device(model: nn.Module, device=None, memory_format=None) -> nn.Module:
     return moved if memory_format is None else moved.to(memory_format=memory_format)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def _counted_rule(module: nn.Module):
     """MAC rule of the module's nearest counted base class, or None."""
     return next((MAC_RULES[t] for t in type(module).__mro__ if t in MAC_RULES), None)
@@ -309,3 +297,144 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> Counts:
         layers=tuple(layers),
     )
 
+
+
+# -- counts for any group widths (planning) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The sizes of a layer that pruning changes, frozen at planning time."""
+
+    kind: str  # "conv" | "linear" | "channel" (one entry per channel: norms, PReLU)
+    out: int
+    inp: int = 0
+    groups: int = 1
+    kernel: int = 1
+
+
+def _layout(module: nn.Module) -> _Layout | None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return _Layout("conv", module.out_channels, module.in_channels, module.groups,
+                       math.prod(module.kernel_size))
+    if isinstance(module, nn.Linear):
+        return _Layout("linear", module.out_features, module.in_features)
+    if isinstance(module, _CHANNEL_LAYERS):
+        own = list(module.parameters(recurse=False))
+        return _Layout("channel", own[0].numel()) if own else None
+    return None
+
+
+_CHANNEL_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
+
+
+def _conv_widths(layout: _Layout, out_rm: int, in_rm: int) -> tuple[int, int, int]:
+    """(out, in, groups) of a conv after removing channels; a depthwise conv (Torch-Pruning's
+    rule: ``groups == out_channels``) keeps one group per channel."""
+    out_c, in_c = layout.out - out_rm, layout.inp - in_rm
+    depthwise = layout.groups == layout.out and layout.out > 1
+    return out_c, in_c, out_c if depthwise else layout.groups
+
+
+def _conv_params(layout: _Layout, out_rm: int, in_rm: int) -> dict[str, int]:
+    out_c, in_c, groups = _conv_widths(layout, out_rm, in_rm)
+    return {"weight": out_c * (in_c // groups) * layout.kernel, "bias": out_c}
+
+
+def _linear_params(layout: _Layout, out_rm: int, in_rm: int) -> dict[str, int]:
+    out_f = layout.out - out_rm
+    return {"weight": out_f * (layout.inp - in_rm), "bias": out_f}
+
+
+def _channel_params(layout: _Layout, out_rm: int, _in_rm: int) -> dict[str, int]:
+    return {"weight": layout.out - out_rm, "bias": layout.out - out_rm}
+
+
+# layer kind -> its own parameters' sizes after removing (out, in) channel positions
+PARAM_RULES: dict[str, Callable[[_Layout, int, int], dict[str, int]]] = {
+    "conv": _conv_params,
+    "linear": _linear_params,
+    "channel": _channel_params,
+}
+
+
+def _mac_scale(layout: _Layout, out_rm: int, in_rm: int) -> tuple[int, int]:
+    """(new, old) of ``out * in / groups``: MACs of a conv/linear call scale with it."""
+    if layout.kind == "linear":
+        return (layout.out - out_rm) * (layout.inp - in_rm), layout.out * layout.inp
+    out_c, in_c, groups = _conv_widths(layout, out_rm, in_rm)
+    return out_c * (in_c // groups), layout.out * (layout.inp // layout.groups)
+
+
+class WidthCounter:
+    """Exact params/MACs of ``model`` for any widths of its prunable groups, without pruning.
+
+    Built from one :func:`count` pass and the groups' members: every conv/linear call's MACs scale
+    with ``out * in / groups``, every parameter of a pruned layer (or a bare per-channel
+    parameter) shrinks along the dimensions Torch-Pruning prunes. ``counter(widths)`` returns
+    ``(params, macs)`` in the :data:`CONVENTION`; widths of groups not named stay whole.
+    ``chip.prune`` checks every probe and every applied plan against :func:`count` of the real
+    pruned model.
+    """
+
+    def __init__(self, model: nn.Module, graph, input_size):
+        base = count(model, input_size)
+        self.base_params, self.base_macs = base.params, base.macs
+        self.groups_list = list(graph)
+        self.groups = {g.name: g.channels for g in graph}
+        deps: dict[str, dict[str, list[tuple[str, int]]]] = {}
+        axes: dict[str, int] = {}
+        for g in graph:
+            for m in g.members:
+                deps.setdefault(m.name, {"out": [], "in": []})[m.kind].append((g.name, m.index.shape[1]))
+                axes[m.name] = m.axis
+        self._deps = deps
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        self._layers = []  # (module, base MACs, deps) for every counted call of a member layer
+        fixed_macs = 0
+        for layer in base.layers:
+            module = modules.get(layer.name)
+            if layer.name in deps and module is not None:
+                self._layers.append((_layout(module), layer.macs, deps[layer.name]))
+            else:
+                fixed_macs += layer.macs
+        self._fixed_macs = fixed_macs
+        self._modules = []  # (layout, own parameter names, deps) of member layers with parameters
+        self._params = []  # (numel, size along the pruned axis, deps) of bare parameters
+        counted: set[int] = set()
+        for name, dep in deps.items():
+            if name in params:
+                p = params[name]
+                counted.add(id(p))
+                self._params.append((p.numel(), p.shape[axes[name]], dep))
+            elif name in modules:
+                own = dict(modules[name].named_parameters(recurse=False))
+                fresh = [n for n, p in own.items() if id(p) not in counted]
+                counted.update(id(own[n]) for n in fresh)
+                if fresh:
+                    layout = _layout(modules[name])
+                    if layout is None:
+                        raise ChipError(f"chip cannot count the parameters of "
+                                        f"{type(modules[name]).__name__} {name} after pruning; "
+                                        "expected a conv, linear or norm layer")
+                    self._modules.append((layout, fresh, dep))
+        self._fixed_params = sum(p.numel() for p in model.parameters() if id(p) not in counted)
+
+    def __call__(self, widths: Mapping[str, int]) -> tuple[int, int]:
+        removed = {g: c - widths.get(g, c) for g, c in self.groups.items()}
+
+        def rm(dep, kind):
+            return sum(removed[g] * per for g, per in dep[kind])
+
+        params = self._fixed_params
+        for layout, names, dep in self._modules:
+            sizes = PARAM_RULES[layout.kind](layout, rm(dep, "out"), rm(dep, "in"))
+            params += sum(sizes[n] for n in names)
+        for numel, size, dep in self._params:
+            params += numel // size * (size - rm(dep, "out"))
+        macs = self._fixed_macs
+        for layout, base, dep in self._layers:
+            new, old = _mac_scale(layout, rm(dep, "out"), rm(dep, "in"))
+            macs += base // old * new
+        return params, macs

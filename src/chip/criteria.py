@@ -59,33 +59,23 @@ def _filter_l1(module: nn.Module) -> torch.Tensor:
 def _group_l1(model: nn.Module, graph: GroupGraph, group: ChannelGroup) -> torch.Tensor:
     """Mean over the group's conv/linear producers of their per-channel filter L1 norms.
 
-    The channel order is the group's (its root producer's output channels); each producer's output
-    positions are mapped onto it through the Torch-Pruning group of the whole channel set.
+    The channel order is the group's; each producer's output positions come from its member index
+    table (group channel ``c`` is the producer's output ``index[c, 0]``).
     """
-    tp_group = graph.pruning_group(group.name, list(range(group.channels)))
-    names = {m: n for n, m in model.named_modules()}
-    producers = set(group.producers)
     total = torch.zeros(group.channels, dtype=torch.float64)
-    seen: set[str] = set()
-    for item in tp_group:
-        module = item.dep.target.module
-        name = names.get(module) if isinstance(module, nn.Module) else None
-        if name is None or name not in producers or name in seen or not isinstance(module, _WEIGHTED):
+    seen = 0
+    for member in group.members:
+        if member.kind != "out" or member.name not in group.producers:
             continue
-        depthwise = isinstance(module, _CONV) and module.groups > 1 and module.groups == module.in_channels
-        if not (graph.dg.is_out_channel_pruning_fn(item.dep.handler) or depthwise):
+        module = model.get_submodule(member.name)
+        if not isinstance(module, _WEIGHTED):
             continue
-        seen.add(name)
-        norms = _filter_l1(module).cpu()
-        idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
-        roots = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
-        contribution = torch.zeros(group.channels, dtype=torch.float64)
-        contribution[roots] = norms[idxs]
-        total += contribution
+        total += _filter_l1(module).cpu()[member.index[:, 0]]
+        seen += 1
     if not seen:
         raise ChipError(f"group {group.name!r} has no conv/linear producer with weights; "
                         "the l1 criterion needs one (use chip, hrank or random)")
-    return total / len(seen)
+    return total / seen
 
 
 def l1_scores(model: nn.Module, graph: GroupGraph, seed: int | None = 0) -> dict[str, torch.Tensor]:
@@ -168,7 +158,7 @@ def score(
     if scorer is None:
         raise ChipError(f"unknown criterion {criterion!r}; expected one of {list(CRITERION_NAMES)}")
     if graph is None:
-        graph = find_groups(model, _example_inputs(model, loader, example_inputs))
+        graph = find_groups(model, _example_inputs(model, loader, example_inputs), check=False)
     with torch.no_grad():
         groups = scorer(model, graph, seed)
     return ChannelScores(

@@ -1,56 +1,95 @@
-"""Surgery: physically remove the channels a :class:`~chip.spec.PruningPlan` drops.
+"""Surgery: physically remove the channels a :class:`~chip.spec.PruningPlan` drops, verified.
 
 Every group is pruned through Torch-Pruning's DependencyGraph (``chip.groups``), so coupled
-channels (a residual stream, a depthwise conv and its neighbours, a flatten into a linear layer)
-share one kept set, and BatchNorm statistics, biases and classifier weights carry over. The option-A
-pad shortcut of the CIFAR ResNets is pruned by :class:`chip.groups.PadShortcutPruner`.
+channels (a residual stream, a depthwise conv and its neighbours, a flatten into a linear layer,
+the branches of a concatenation) share one kept set, and BatchNorm statistics, biases and
+classifier weights carry over. The option-A pad shortcut of the CIFAR ResNets is pruned by
+:class:`chip.groups.PadShortcutPruner`.
 
-The pruned model computes exactly what the original computes with the removed channels zeroed
-(see :func:`masked_forward_hooks`, used by the tests).
+**What the pruned model must compute** (``docs/method.md`` section 6): the original model whose
+consumers do not see the removed channels (their inputs are zero there) and whose cross-channel
+norms (GroupNorm, LayerNorm over channels) take their statistics over the kept channels only.
+:func:`masked_forward_hooks` implements that definition the slow, obvious way on the unpruned
+model; :func:`apply` checks every result against it in float64 before returning
+(``verify=True``), and :func:`check_groups` uses it to refuse groups chip cannot prune correctly.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from .errors import ChipError
-from .groups import GroupGraph, find_groups
-from .spec import PruningPlan
+from .groups import ChannelGroup, GroupGraph, _trace_groups, find_groups
+from .spec import PruningPlan, WidthCounter
+from .utils import eval_mode, flat_outputs
 
-__all__ = ["apply", "masked_forward_hooks"]
+__all__ = ["apply", "check_groups", "masked_forward_hooks", "probe_copy"]
+
+VERIFY_RTOL = 1e-6  # float64 comparisons: exact surgery agrees to ~1e-14, a wrong one to ~1e-2
 
 
 def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
-          graph: GroupGraph | None = None) -> nn.Module:
+          graph: GroupGraph | None = None, verify: bool = True) -> nn.Module:
     """Return ``model`` with the channels ``plan`` removes physically gone.
 
     Args:
         model: the unpruned model the plan was made for.
         plan: from :func:`chip.plan` or :meth:`PruningPlan.load`.
         inplace: modify ``model`` itself instead of a deep copy.
-        graph: a :func:`~chip.groups.find_groups` result *for this very model object*.
+        graph: a ``find_groups(model, x, check=False)`` result *for this very model object*
+            (anything else is ignored and the model traced again).
+        verify: before returning, run the pruned model and the masked original
+            (:func:`masked_forward_hooks`) in float64 on a random input of ``plan.input_size``
+            and compare their outputs and the plan's params/MACs with :func:`chip.count` of the
+            result. Costs two float64 copies of the model and a few forward passes; very large
+            models may skip it.
+
+    Raises:
+        ChipError: the plan does not fit the model (another architecture, already pruned, a
+            group whose kept channels break its structure rules), or verification failed: the
+            message names the group and its layers.
 
     The result carries ``chip_plan`` (the plan) plus the ``chip_arch`` / ``chip_kwargs`` of the
-    original, so :func:`chip.save` can rebuild it.
+    original, so :func:`chip.save` can rebuild it. Every submodule keeps its own training flag.
     """
     plan.validate()
+    pristine = model if not inplace else None
     if not inplace:
         model = copy.deepcopy(model)
         graph = None
-    if graph is None:
-        first = next(iter(model.parameters()))  # trace in the model's device and dtype
-        graph = find_groups(model, torch.zeros(plan.input_size, device=first.device,
-                                               dtype=first.dtype))
+    elif verify:
+        pristine = copy.deepcopy(model)
+    if graph is None or graph.dg is None or graph.model is not model:
+        graph = find_groups(model, _example(model, plan.input_size, zeros=True), check=False)
+    _check_plan(model, plan, graph)
+    removed = {name: plan.removed(name) for name in plan.groups if plan.removed(name)}
+    failure = None
+    for name, idxs in removed.items():
+        try:
+            graph.pruning_group(name, idxs).prune()
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning's errors become one line
+            failure = f"Torch-Pruning cannot prune group {name!r} ({_first_line(exc)})"
+            break
+    if failure is not None and not verify:
+        raise ChipError(f"pruning failed: {failure}")
+    if verify:
+        _verify(pristine, model, plan, removed, graph, failure)
+    model.chip_plan = plan
+    return model
+
+
+def _check_plan(model: nn.Module, plan: PruningPlan, graph: GroupGraph) -> None:
     arch = getattr(model, "chip_arch", None)
     if plan.arch is not None and arch is not None and plan.arch != arch:
         raise ChipError(f"the plan is for {plan.arch!r} but the model is {arch!r}; "
                         "was the plan made for another architecture?")
-    unknown = [name for name in plan.groups if name not in graph.by_name]
-    missing = [name for name in graph.by_name if name not in plan.groups]
+    known = {g.name for g in graph.all_groups}
+    unknown = [name for name in plan.groups if name not in known]
+    missing = [name for name in graph.by_name if name not in plan.groups and name not in plan.skipped]
     if unknown or missing:  # a plan covers every group of the model it was made for
         raise ChipError(f"plan and model groups differ (only in the plan: {unknown[:4]}, only in "
                         f"the model: {missing[:4]}); was the plan made for another architecture?")
@@ -59,44 +98,324 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
         if group.channels != gplan.channels:
             raise ChipError(f"group {name!r} has {group.channels} channels but the plan expects "
                             f"{gplan.channels}; is the model already pruned?")
-    was_training = model.training
-    model.eval()
-    for name in plan.groups:
-        removed = plan.removed(name)
-        if removed:
-            graph.pruning_group(name, removed).prune()
-    model.train(was_training)
-    model.chip_plan = plan
-    return model
+        if gplan.kept < gplan.channels:
+            if name in graph.skipped:
+                raise ChipError(f"group {name!r} cannot be pruned: {graph.skipped[name]}; keep it "
+                                "whole")
+            group.check_keep(gplan.keep)
 
 
-def masked_forward_hooks(model: nn.Module, plan: PruningPlan, graph: GroupGraph) -> list:
-    """Zero the channels ``plan`` removes at the output of every module that carries them.
+# -- the oracle ---------------------------------------------------------------------------------
 
-    The reference semantics of pruning: a model with these hooks computes what the pruned model
-    computes. Returns the hook handles (call ``.remove()`` on each to undo).
+
+def masked_forward_hooks(model: nn.Module, removed, graph: GroupGraph) -> list:
+    """Make ``model`` compute what the pruned model must compute (the module docstring).
+
+    ``removed`` is a :class:`PruningPlan` or ``{group name: removed channel indices}``. Consumers
+    get a forward pre-hook zeroing the removed positions of their input (offsets after a
+    concatenation and flatten spreads come from each member's index table); GroupNorm and
+    channel LayerNorm members get a forward hook recomputing them over the kept channels.
+    Returns the hook handles (call ``.remove()`` on each to undo).
     """
-    handles = []
-    for name in plan.groups:
-        removed = plan.removed(name)
-        if not removed:
+    if isinstance(removed, PruningPlan):
+        removed = {n: removed.removed(n) for n in removed.groups}
+    zero: dict[tuple[str, int], list[torch.Tensor]] = {}
+    norms: dict[tuple[str, int], list[torch.Tensor]] = {}
+    modules = dict(model.named_modules())
+    for name, idxs in removed.items():
+        if not len(idxs):
             continue
-        for module_name, kind, per in graph[name].members:
-            if kind != "out":
-                continue
-            handles.append(model.get_submodule(module_name).register_forward_hook(
-                _zero_channels_hook(_expand(removed, per))))
+        rows = torch.as_tensor(list(idxs), dtype=torch.long)
+        for m in graph[name].members:
+            positions = m.index[rows].flatten()
+            if m.kind == "in":
+                zero.setdefault((m.name, m.axis), []).append(positions)
+            elif isinstance(modules.get(m.name), (nn.GroupNorm, nn.LayerNorm)):
+                norms.setdefault((m.name, m.axis), []).append(positions)
+    handles = []
+    for (name, axis), parts in zero.items():
+        handles.append(modules[name].register_forward_pre_hook(
+            _zero_input_hook(axis, torch.cat(parts).unique())))
+    for (name, axis), parts in norms.items():
+        handles.append(modules[name].register_forward_hook(
+            _masked_norm_hook(axis, torch.cat(parts).unique())))
     return handles
 
 
-def _expand(removed: Iterable[int], per: int) -> torch.Tensor:
-    return torch.tensor([c * per + j for c in removed for j in range(per)], dtype=torch.long)
-
-
-def _zero_channels_hook(index: torch.Tensor):
-    def hook(_module, _inputs, output):
-        out = output.clone()
-        out[:, index.to(out.device)] = 0
-        return out
+def _zero_input_hook(axis: int, positions: torch.Tensor):
+    def hook(_module, inputs):
+        x = inputs[0].clone()
+        x.index_fill_(axis % x.dim(), positions.to(x.device), 0)
+        return (x, *inputs[1:])
 
     return hook
+
+
+def _masked_norm_hook(axis: int, removed: torch.Tensor):
+    def hook(module, inputs, _output):
+        x = inputs[0].movedim(axis, -1)
+        keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
+        keep[removed.to(x.device)] = False
+        out = torch.zeros_like(x)
+        if isinstance(module, nn.GroupNorm):
+            blocks = keep.view(module.num_groups, -1)
+            for g, block in enumerate(blocks):
+                idx = torch.nonzero(block).flatten() + g * blocks.shape[1]
+                out[..., idx] = _normalise(x[..., idx], module, idx, dims=tuple(range(1, x.dim())))
+        else:
+            idx = torch.nonzero(keep).flatten()
+            out[..., idx] = _normalise(x[..., idx], module, idx, dims=(-1,))
+        return out.movedim(-1, axis)
+
+    return hook
+
+
+def _normalise(x: torch.Tensor, module: nn.Module, idx: torch.Tensor, dims) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over ``dims`` (biased variance), then the kept affine."""
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, unbiased=False)
+    y = (x - mean) / torch.sqrt(var + module.eps)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if weight is not None:
+        y = y * weight[idx]
+    if bias is not None:
+        y = y + bias[idx]
+    return y
+
+
+# -- checking groups (refuse, don't guess) ------------------------------------------------------
+
+
+def probe_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A float64 deep copy of ``model`` with random weights, for structural checks.
+
+    Matrices get N(0, 1/fan_in) entries, vectors U(0.5, 1.5) (positive: safe for norm scales and
+    variances), BatchNorm/InstanceNorm running statistics mean N(0, 0.1^2) and variance
+    U(0.5, 1.5). Random weights make every channel matter (a trained or zero-initialised branch
+    could hide a wrong mapping); the values are irrelevant to the structure being checked.
+    """
+    work = copy.deepcopy(model).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in work.parameters():
+            if not p.is_floating_point():
+                continue
+            if p.dim() >= 2:
+                fresh = torch.randn(p.shape, generator=gen, dtype=p.dtype) * p[0].numel() ** -0.5
+            else:
+                fresh = torch.rand(p.shape, generator=gen, dtype=p.dtype) + 0.5
+            p.copy_(fresh)
+        for m in work.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase)) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return work
+
+
+def check_groups(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tensor, *,
+                 seed: int = 0, first: nn.Module | None = None) -> dict[str, str]:
+    """Groups of ``graph`` chip cannot prune correctly, with the reason (``{}`` if none).
+
+    Every group of ``graph`` loses about half of its units (within its structure rules) in a
+    :func:`probe_copy` of ``model``; the pruned copy must run, match the masked original
+    (:func:`masked_forward_hooks`) to ``VERIFY_RTOL`` and have the params/MACs the plan's
+    counter predicts. If it does not, bisection finds the groups at fault: a handful of extra
+    copies per bad group. ``graph`` is the static graph of ``first`` (a probe copy already
+    traced; made here when ``None``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tuple(example_inputs.shape), generator=gen, dtype=torch.float64)
+    candidates = list(graph.groups)
+    if not candidates:
+        return {}
+    removal = {g.name: _probe_removal(g, gen) for g in candidates}
+    x = x.to(next(iter(graph.model.parameters())).device) if list(graph.model.parameters()) else x
+    counter = WidthCounter(graph.model, graph, tuple(x.shape))
+
+    def fresh():
+        work = probe_copy(model, seed)
+        return work, _trace_groups(work, x)
+
+    def trial(names: Sequence[str], made=None) -> str | None:
+        work, g = made if made is not None else fresh()
+        return _trial(work, g, {n: removal[n] for n in names}, x, counter)
+
+    reason = trial([g.name for g in candidates], (graph.model, graph))
+    return {} if reason is None else _bisect([g.name for g in candidates], reason, trial, graph)
+
+
+def _probe_removal(group: ChannelGroup, gen: torch.Generator) -> list[int]:
+    """About half of the group's units in every cell, drawn at random (at least one)."""
+    removed: list[int] = []
+    for cell in range(group.num_cells):
+        ids = torch.nonzero(group.unit_cell == cell).flatten()
+        n = max(1, len(ids) // 2)
+        pick = ids[torch.randperm(len(ids), generator=gen)[:n]]
+        removed += group.units[pick].flatten().tolist()
+    return sorted(removed)
+
+
+def _bisect(names: list[str], reason: str, trial: Callable, graph: GroupGraph) -> dict[str, str]:
+    """Split a failing set until single groups fail; then re-check what is left."""
+    bad: dict[str, str] = {}
+
+    def search(subset: list[str], why: str) -> None:
+        if len(subset) == 1:
+            bad[subset[0]] = _explain(graph[subset[0]], why)
+            return
+        half = len(subset) // 2
+        parts = [(p, trial(p)) for p in (subset[:half], subset[half:])]
+        for part, part_reason in parts:
+            if part_reason is not None:
+                search(part, part_reason)
+        if all(r is None for _, r in parts):  # only fails together: refuse all of them
+            for name in subset:
+                bad[name] = _explain(graph[name], f"together with other groups, {why}")
+
+    search(names, reason)
+    while True:  # what is left must pass as a whole
+        rest = [n for n in names if n not in bad]
+        if not rest:
+            return bad
+        why = trial(rest)
+        if why is None:
+            return bad
+        search(rest, why)
+
+
+def _explain(group: ChannelGroup, why: str) -> str:
+    unusual = [op for op in group.ops if not _is_plain_op(op)]
+    hint = f"; its channels pass through {', '.join(unusual[:3])}" if unusual else ""
+    return f"{why}{hint}"
+
+
+def _is_plain_op(op: str) -> bool:
+    from .groups import _PLAIN_OPS
+
+    low = op.lower()
+    return any(low.startswith(p) for p in _PLAIN_OPS)
+
+
+def _trial(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[int]], x: torch.Tensor,
+           counter: WidthCounter | None) -> str | None:
+    """Prune ``work`` (a float64 copy) by ``removed``; None if it matches the masked original."""
+    with eval_mode(work), torch.no_grad():
+        handles = masked_forward_hooks(work, removed, graph)
+        try:
+            reference = flat_outputs(work(x))
+        finally:
+            for h in handles:
+                h.remove()
+        try:
+            for name, idxs in removed.items():
+                graph.pruning_group(name, idxs).prune()
+        except Exception as exc:  # noqa: BLE001 - any failure is a reason to refuse the group
+            return f"Torch-Pruning cannot prune it ({_first_line(exc)})"
+        try:
+            output = flat_outputs(work(x))
+        except Exception as exc:  # noqa: BLE001
+            return f"the pruned model does not run ({_first_line(exc)})"
+    error = _relative_error(reference, output)
+    if error is None:
+        return "pruning it changes the shape of the model's output"
+    if error > VERIFY_RTOL:
+        return f"pruning it changes what the model computes (max relative error {error:.2g})"
+    if counter is not None:
+        from .counting import count
+
+        widths = {g.name: g.channels - len(removed.get(g.name, ())) for g in counter.groups_list}
+        predicted = counter(widths)
+        measured = count(work, tuple(x.shape))
+        if predicted != (measured.params, measured.macs):
+            return (f"chip cannot count its params/MACs exactly (predicted {predicted}, measured "
+                    f"{(measured.params, measured.macs)})")
+    return None
+
+
+def _relative_error(reference: list[torch.Tensor], output: list[torch.Tensor]) -> float | None:
+    """max |a - b| / max |a| over all outputs; None if the shapes differ."""
+    if len(reference) != len(output) or any(a.shape != b.shape for a, b in zip(reference, output)):
+        return None
+    worst = 0.0
+    for a, b in zip(reference, output):
+        scale = max(float(a.abs().max()) if a.numel() else 0.0, 1e-300)
+        worst = max(worst, float((a.double() - b.double()).abs().max()) / scale if a.numel() else 0)
+    return worst
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _example(model: nn.Module, input_size, zeros: bool = False, seed: int = 0) -> torch.Tensor:
+    """An input of ``input_size`` in the model's device and floating dtype."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
+    if zeros:
+        return torch.zeros(tuple(input_size), device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(input_size), generator=gen, dtype=torch.float64).to(device, dtype)
+
+
+def _verify(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
+            removed: Mapping[str, list[int]], graph: GroupGraph, failure: str | None) -> None:
+    """The pruned model against the masked original, in float64; ChipError naming the group.
+
+    ``graph`` names the groups (a trace of the same architecture); ``failure`` is a pruning
+    error already met, which sends the search for the culprit straight to bisection.
+    """
+    x = _example(pristine, plan.input_size).double()
+    reference = copy.deepcopy(pristine).double()
+    with eval_mode(reference), torch.no_grad():
+        handles = masked_forward_hooks(reference, removed, graph)
+        try:
+            expected = flat_outputs(reference(x))
+        except Exception as exc:  # noqa: BLE001
+            raise ChipError(f"cannot verify the pruned model: the original does not run in float64 "
+                            f"({_first_line(exc)}); pass verify=False") from None
+        finally:
+            for h in handles:
+                h.remove()
+    del reference
+    why = failure
+    candidate = copy.deepcopy(pruned).double() if why is None else None
+    if candidate is not None:
+        with eval_mode(candidate), torch.no_grad():
+            try:
+                error = _relative_error(expected, flat_outputs(candidate(x)))
+                if error is None:
+                    why = "pruning it changes the shape of the model's output"
+                elif error > VERIFY_RTOL:
+                    why = f"pruning it changes what the model computes (max relative error {error:.2g})"
+            except Exception as exc:  # noqa: BLE001
+                why = f"the pruned model does not run ({_first_line(exc)})"
+    del candidate
+    if why is None:
+        _verify_counts(pristine, pruned, plan, graph)
+        return
+
+    def trial(names):
+        work = copy.deepcopy(pristine).double()
+        return _trial(work, _trace_groups(work, x), {n: removed[n] for n in names}, x, None)
+
+    bad = _bisect(list(removed), why, trial, graph)
+    name, reason = next(iter(bad.items()))
+    layers = ", ".join(dict.fromkeys(m.name for m in graph[name].members))
+    raise ChipError(f"verification failed for group {name!r} (layers {layers[:200]}): {reason}; "
+                    "keep that group whole (rate 0 in a per-layer target) or report it")
+
+
+def _verify_counts(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
+                   graph: GroupGraph) -> None:
+    """chip's analytic counts for the plan's widths (what :func:`chip.plan` reports) must equal
+    :func:`chip.count` of the pruned model."""
+    from .counting import count
+
+    predicted = WidthCounter(pristine, graph, plan.input_size)(plan.widths())
+    measured = count(pruned, plan.input_size)
+    if predicted != (measured.params, measured.macs):
+        raise ChipError(f"the pruned model has {measured.params} params and {measured.macs} MACs "
+                        f"but chip predicted {predicted[0]} and {predicted[1]}; this is a chip bug: "
+                        "please report it")

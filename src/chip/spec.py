@@ -27,6 +27,7 @@ A plan is plain data: it saves to JSON, can be reviewed or edited, and is applie
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -36,8 +37,9 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .errors import ChipError
-from .groups import GroupGraph, find_groups
+from .counting import WidthCounter
+from .errors import ChipError, ChipWarning
+from .groups import ChannelGroup, GroupGraph, find_groups
 from .utils import atomic_write
 
 __all__ = [
@@ -178,6 +180,8 @@ class PruningPlan:
     target: str = ""
     scores_used: bool = True
     stats: dict[str, Any] = field(default_factory=dict)
+    # groups chip keeps whole because it cannot prune them correctly: name -> reason
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def widths(self) -> dict[str, int]:
         """Group name -> kept channels."""
@@ -209,9 +213,12 @@ class PruningPlan:
             raise ChipError(f"malformed plan input_size {input_size!r}; expected a list like [1, 3, 32, 32]")
         if not isinstance(stats, Mapping):
             raise ChipError(f"malformed plan stats {stats!r}; expected a mapping")
+        skipped = d.get("skipped", {})
+        if not isinstance(skipped, Mapping) or not all(isinstance(v, str) for v in skipped.values()):
+            raise ChipError(f"malformed plan skipped {skipped!r}; expected {{group: reason}}")
         plan_ = cls(groups=groups, arch=d.get("arch"), input_size=tuple(input_size),
                     target=d.get("target", ""), scores_used=bool(d.get("scores_used", True)),
-                    stats=dict(stats))
+                    stats=dict(stats), skipped=dict(skipped))
         plan_.validate()
         return plan_
 
@@ -238,82 +245,15 @@ class PruningPlan:
         return cls.from_dict(data)
 
 
-def _kept(channels: int, rate: float, round_to: int) -> int:
-    k = max(1, int(channels * (1.0 - rate)))
-    if round_to > 1:  # at least round_to, at most channels (so groups <= round_to stay whole)
-        k = min(channels, max(round_to, int(round(k / round_to)) * round_to))
-    return k
+def _kept(group: ChannelGroup, rate: float, round_to: int) -> int:
+    """Kept width of ``group`` at ``rate``: ``int(C * (1 - rate))``, at least 1, then
+    :meth:`ChannelGroup.width` (its step, ``round_to``)."""
+    return group.width(max(1, int(group.channels * (1.0 - rate))), round_to)
 
 
 def _choose(scores: torch.Tensor | None, k: int, channels: int) -> list[int]:
-    if scores is None:
-        return list(range(k))
-    if scores.numel() != channels:
-        raise ChipError(f"scores have {scores.numel()} channels but the group has {channels}; "
-                        "were they computed on this model?")
-    order = torch.sort(-scores.double().cpu(), stable=True).indices[:k]
-    return sorted(order.tolist())
-
-
-class WidthCounter:
-    """Exact params/MACs of the model for any group widths, without pruning it.
-
-    Built from one :func:`chip.count` pass; conv/linear MACs and parameters scale with their kept
-    input and output channels, BatchNorm & co. with their kept channels. Verified against real
-    surgery in the tests.
-    """
-
-    def __init__(self, model: nn.Module, graph: GroupGraph, input_size):
-        from .counting import count
-
-        base = count(model, input_size)
-        self.base_params, self.base_macs = base.params, base.macs
-        macs: dict[str, int] = {}
-        for layer in base.layers:
-            macs[layer.name] = macs.get(layer.name, 0) + layer.macs
-        self.groups = {g.name: g.channels for g in graph}
-        self.layers = []  # (name, module, own parameters, base MACs, {'out'|'in': [(group, per)]})
-        deps: dict[str, dict[str, list[tuple[str, int]]]] = {}
-        for g in graph:
-            for name, kind, per in g.members:
-                deps.setdefault(name, {"out": [], "in": []})[kind].append((g.name, per))
-        counted_params = 0
-        for name, module in model.named_modules():
-            if name not in deps:
-                continue
-            own = [(pn, p) for pn, p in module.named_parameters(recurse=False)]
-            counted_params += sum(p.numel() for _, p in own)
-            self.layers.append((name, module, own, macs.get(name, 0), deps[name]))
-        self.fixed_params = self.base_params - counted_params
-
-    def __call__(self, widths: Mapping[str, int]) -> tuple[int, int]:
-        removed = {g: c - widths.get(g, c) for g, c in self.groups.items()}
-        params, total_macs = self.fixed_params, 0
-        for _name, module, own, macs, dep in self.layers:
-            out_rm = sum(removed[g] * per for g, per in dep["out"])
-            in_rm = sum(removed[g] * per for g, per in dep["in"])
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                out_c = module.out_channels if hasattr(module, "out_channels") else module.out_features
-                in_c = module.in_channels if hasattr(module, "in_channels") else module.in_features
-                groups = getattr(module, "groups", 1)
-                depthwise = groups > 1 and groups == in_c
-                out_w, in_w = out_c - out_rm, in_c - in_rm
-                if depthwise:  # one input channel per group, whatever the width
-                    scale_num, scale_den = out_w, out_c
-                else:
-                    scale_num, scale_den = out_w * in_w, out_c * in_c
-                total_macs += macs * scale_num // scale_den
-                for pn, p in own:
-                    if pn == "weight":
-                        params += p.numel() * scale_num // scale_den
-                    else:  # bias
-                        params += p.numel() * out_w // out_c
-            else:
-                total_macs += macs  # norms & co. have no MACs in this convention
-                for _, p in own:  # per-channel parameters (BatchNorm weight/bias, PReLU, ...)
-                    size = p.shape[0] if p.dim() else 0
-                    params += p.numel() - (out_rm * p.numel() // size if size else 0)
-        return params, total_macs
+    """The ``k`` highest-scoring of ``channels`` plain channels, ascending (ties: lower index)."""
+    return ChannelGroup("", channels, (), (), ()).choose(scores, k)
 
 
 _BUDGET = re.compile(r"\s*(flops|macs|params)\s*=\s*(\S+)\s*")
@@ -362,7 +302,11 @@ def parse_target(target) -> tuple[str, Any]:
 def _layer_rates(mapping: Mapping[str, float], graph: GroupGraph) -> dict[str, float]:
     out = {}
     for key, rate in mapping.items():
-        name = key if key in graph.by_name else graph.group_of(key, "out")
+        name = key if key in graph.by_name or key in graph.skipped else graph.group_of(key, "out")
+        kind, value = parse_target(rate)
+        if name in graph.skipped and kind == "uniform" and value > 0:
+            raise ChipError(f"layer {key!r} cannot be pruned: {graph.skipped[name]}; expected rate 0 "
+                            "or no entry for it")
         if name is None:
             raise ChipError(f"layer {key!r} is not a prunable layer; expected a group or producer name "
                             f"such as {list(graph.by_name)[:4]}")
@@ -375,12 +319,13 @@ def _layer_rates(mapping: Mapping[str, float], graph: GroupGraph) -> dict[str, f
 
 def _solve_budget(kind: str, fraction: float, graph: GroupGraph, counter: WidthCounter,
                   round_to: int) -> tuple[float, dict[str, int]]:
-    """Largest kept fraction <= budget with one uniform rate for every group (bisection)."""
+    """Largest kept fraction <= budget with one uniform rate for every group (bisection), then
+    one width step given back per group, round-robin in graph order, while the budget holds."""
     base = counter.base_params if kind == "params" else counter.base_macs
     index = 0 if kind == "params" else 1
 
     def achieved(rate: float) -> tuple[float, dict[str, int]]:
-        widths = {g.name: _kept(g.channels, rate, round_to) for g in graph}
+        widths = {g.name: _kept(g, rate, round_to) for g in graph}
         return counter(widths)[index] / base, widths
 
     lo, hi = 0.0, 1.0 - 1e-9
@@ -389,8 +334,11 @@ def _solve_budget(kind: str, fraction: float, graph: GroupGraph, counter: WidthC
         return 0.0, full_widths
     smallest = achieved(hi)[0]
     if smallest > fraction:
-        raise ChipError(f"{kind} budget {fraction} cannot be met: keeping one channel per group still "
-                        f"leaves {smallest:.3f} of the baseline")
+        kept_whole = f" ({len(graph.skipped)} groups chip cannot prune are kept whole)" \
+            if graph.skipped else ""
+        raise ChipError(f"{kind} budget {fraction} cannot be met: keeping the fewest channels chip "
+                        f"allows in every group still leaves {smallest:.3f} of the baseline"
+                        f"{kept_whole}; expected a budget of at least {smallest:.3f}")
     for _ in range(60):
         mid = (lo + hi) / 2
         if achieved(mid)[0] <= fraction:
@@ -399,11 +347,12 @@ def _solve_budget(kind: str, fraction: float, graph: GroupGraph, counter: WidthC
             lo = mid
     widths = achieved(hi)[1]
     grown = True
-    while grown:  # give back one step per group, round-robin, while the budget holds
+    while grown:
         grown = False
         for g in graph:
             if widths[g.name] < g.channels:
-                trial = {**widths, g.name: min(g.channels, widths[g.name] + round_to)}
+                step = math.lcm(g.step, round_to) if round_to > 1 else g.step
+                trial = {**widths, g.name: min(g.channels, widths[g.name] + step)}
                 if counter(trial)[index] / base <= fraction:
                     widths, grown = trial, True
     return hi, widths
@@ -425,19 +374,19 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
     if round_to < 1:
         raise ChipError(f"round_to must be a positive integer, got {round_to}")
     if graph is None:
-        first = next(iter(model.parameters()))  # trace in the model's device and dtype
-        graph = find_groups(model, torch.zeros(input_size, device=first.device, dtype=first.dtype))
+        graph = find_groups(model, _zeros(model, input_size))
+    _warn_skipped(graph)
     counter = WidthCounter(model, graph, input_size)
     kind, value = parse_target(target)
     solved_rate = None
     if kind == "sparsity":
         rates = _sparsity_rates(arch, value, graph)
-        widths = {g.name: _kept(g.channels, rates.get(g.name, 0.0), round_to) for g in graph}
+        widths = {g.name: _kept(g, rates.get(g.name, 0.0), round_to) for g in graph}
     elif kind == "uniform":
-        widths = {g.name: _kept(g.channels, value, round_to) for g in graph}
+        widths = {g.name: _kept(g, value, round_to) for g in graph}
     elif kind == "layers":
         rates = _layer_rates(value, graph)
-        widths = {g.name: _kept(g.channels, rates.get(g.name, 0.0), round_to) for g in graph}
+        widths = {g.name: _kept(g, rates.get(g.name, 0.0), round_to) for g in graph}
     else:
         solved_rate, widths = _solve_budget(*value, graph, counter, round_to)
 
@@ -450,7 +399,7 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
             if s is None and widths[g.name] < g.channels:
                 raise ChipError(f"no scores for group {g.name!r}, which the target prunes; "
                                 "score the model again (chip score) or keep that group whole")
-        groups[g.name] = GroupPlan(g.channels, _choose(s, widths[g.name], g.channels))
+        groups[g.name] = GroupPlan(g.channels, g.choose(s, widths[g.name]))
 
     params, macs = counter(widths)
     stats = {
@@ -462,7 +411,24 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
     if kind == "budget":
         stats.update(budget_kind=value[0], budget=value[1], uniform_rate=solved_rate)
     return PruningPlan(groups=groups, arch=arch, input_size=input_size, target=str(target),
-                       scores_used=group_scores is not None, stats=stats)
+                       scores_used=group_scores is not None, stats=stats,
+                       skipped=dict(graph.skipped))
+
+
+def _zeros(model: nn.Module, input_size) -> torch.Tensor:
+    """A zero input of ``input_size`` in the model's device and floating dtype (for tracing)."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None:
+        return torch.zeros(tuple(input_size))
+    return torch.zeros(tuple(input_size), device=first.device, dtype=first.dtype)
+
+
+def _warn_skipped(graph: GroupGraph) -> None:
+    if graph.skipped:
+        listed = "; ".join(f"{name}: {why}" for name, why in list(graph.skipped.items())[:5])
+        more = f" (and {len(graph.skipped) - 5} more)" if len(graph.skipped) > 5 else ""
+        warnings.warn(f"chip keeps {len(graph.skipped)} channel groups whole: {listed}{more}",
+                      ChipWarning, stacklevel=3)
 
 
 def _default_input_size(model: nn.Module, arch: str | None) -> tuple[int, ...]:

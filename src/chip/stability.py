@@ -33,7 +33,7 @@ from .calibration import _split_batch
 from .criteria import CRITERION_NAMES, score
 from .errors import ChipError
 from .groups import find_groups
-from .spec import _choose, _kept
+from .spec import _kept
 from .utils import atomic_write
 
 __all__ = ["GroupStability", "StabilityReport", "average_ranks", "spearman", "stability"]
@@ -138,10 +138,9 @@ def _collect(loader: Iterable, num_batches: int) -> list[torch.Tensor]:
     return batches
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor, kept: int) -> float:
-    keep_a = set(_choose(a, kept, a.numel()))
-    keep_b = set(_choose(b, kept, b.numel()))
-    return len(keep_a & keep_b) / kept
+def _overlap(group, a: torch.Tensor, b: torch.Tensor, kept: int) -> float:
+    """Share of the ``kept`` channels both score vectors keep (under the group's rules)."""
+    return len(set(group.choose(a, kept)) & set(group.choose(b, kept))) / kept
 
 
 def stability(
@@ -175,7 +174,8 @@ def stability(
                         f"{len(batches)}; expected k <= number of calibration batches")
     subsets = [batches[j::k] for j in range(k)]
     first = next(iter(model.parameters()))
-    graph = find_groups(model, batches[0][:2].to(device=first.device, dtype=first.dtype))
+    graph = find_groups(model, batches[0][:2].to(device=first.device, dtype=first.dtype),
+                        check=False)
     scores = [score(model, subset, criterion, num_batches=len(subset), seed=seed + j,
                     device=device, graph=graph, progress=progress)
               for j, subset in enumerate(subsets)]
@@ -186,9 +186,9 @@ def stability(
     )
     for g in graph:
         vecs = [s.groups[g.name] for s in scores]
-        kept = _kept(g.channels, float(rate), 1)
+        kept = _kept(g, float(rate), 1)
         rho = [spearman(a, b) for a, b in itertools.combinations(vecs, 2)]
-        over = [_overlap(a, b, kept) for a, b in itertools.combinations(vecs, 2)]
+        over = [_overlap(g, a, b, kept) for a, b in itertools.combinations(vecs, 2)]
         finite = [r for r in rho if not math.isnan(r)]
         report.groups.append(GroupStability(
             name=g.name, channels=g.channels, kept=kept,

@@ -58,3 +58,30 @@ def resolve_device(device=None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put every submodule in eval mode; restore each one's own training flag afterwards.
+
+    ``model.train(was_training)`` would instead set one flag on every submodule, unfreezing
+    BatchNorms that were deliberately left in eval mode inside a training model.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def flat_outputs(out) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, tuple/list, dict or namedtuple), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flat_outputs(v)]
+    return []
