@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -216,16 +216,10 @@ class ChannelGroup:
         return self.units.shape[1] * self.num_cells
 
     def width(self, k: int, round_to: int = 1) -> int:
-        """The allowed width for a wanted ``k``: at least one step, at most ``channels``.
-
-        With ``round_to > 1`` the nearest multiple of ``lcm(step, round_to)``; otherwise ``k``
-        rounded down to a multiple of :attr:`step`.
-        """
-        step = self.step
-        if round_to > 1:
-            q = math.lcm(step, round_to)
-            return min(self.channels, max(q, int(round(k / q)) * q))
-        return min(self.channels, max(step, (k // step) * step))
+        """The allowed width nearest to a wanted ``k``: a multiple of ``lcm(step, round_to)``,
+        at least one such multiple, at most ``channels``."""
+        q = math.lcm(self.step, round_to)
+        return min(self.channels, max(q, int(round(k / q)) * q))
 
     def choose(self, scores: torch.Tensor | None, k: int) -> list[int]:
         """Ascending indices of the ``k`` channels to keep (``k`` a multiple of :attr:`step`).
@@ -311,7 +305,7 @@ class GroupGraph:
         return GroupGraph(self.model, self.dg, [g for g in self.groups if g.name not in bad],
                           {**self.skipped, **bad}, self.all_groups)
 
-    def pruning_group(self, name: str, removed: Sequence[int]):
+    def pruning_group(self, name: str, removed: Sequence[int], *, frozen: bool = False):
         """The Torch-Pruning group that removes channels ``removed`` of group ``name``."""
         if self.dg is None:
             raise ChipError("this group graph was found on a checked copy; trace the model itself "
@@ -319,8 +313,39 @@ class GroupGraph:
         group = self[name]
         root = self.model.get_submodule(group.root)
         pruner = self.dg.get_pruner_of_module(root)
-        with _tolerant_mappings(set()):
+        with _tolerant_mappings(self.dg.chip_unmapped, frozen=frozen, limit=_walk_limit(self.dg)):
             return self.dg.get_pruning_group(root, pruner.prune_out_channels, idxs=list(removed))
+
+    def prune(self, removed: Mapping[str, Sequence[int]]) -> None:
+        """Remove channels ``removed[group]`` (original indices) of several groups at once.
+
+        All Torch-Pruning groups are built first, on the unpruned graph; then every (layer,
+        pruning function) runs once with the union of its indices. Same result as pruning the
+        groups one after another (each layer is cut once, in original coordinates), without
+        refreshing Torch-Pruning's index mappings after every group.
+        """
+        merged: dict[tuple[int, Any], tuple[Any, set[int]]] = {}
+        for name, idxs in removed.items():
+            if len(idxs):
+                for item in self.pruning_group(name, idxs, frozen=True):
+                    key = (id(item.dep.target), item.dep.handler)
+                    merged.setdefault(key, (item.dep, set()))[1].update(int(i) for i in item.idxs)
+        for dep, idxs in merged.values():
+            if isinstance(dep.target.module, nn.Parameter):
+                self._replace_parameter(dep, sorted(idxs))
+            else:
+                dep(sorted(idxs))
+
+    def _replace_parameter(self, dep, idxs: list[int]) -> None:
+        """A bare parameter is pruned into a new Parameter set back on its owner (as TP does)."""
+        old = dep.target.module
+        name = self.dg._param_to_name.pop(old)
+        new = dep(idxs)
+        owner_name, _, attr = name.rpartition(".")
+        setattr(self.model.get_submodule(owner_name), attr, new)
+        self.dg._param_to_name[new] = name
+        self.dg.module2node[new] = self.dg.module2node.pop(old)
+        self.dg.module2node[new].module = new
 
 
 _MAPPINGS = ("update_concat_index_mapping", "update_split_index_mapping",
@@ -329,39 +354,71 @@ _MAPPINGS = ("update_concat_index_mapping", "update_split_index_mapping",
 
 
 @contextlib.contextmanager
-def _tolerant_mappings(unmapped: set):
+def _tolerant_mappings(unmapped: set, frozen: bool = False, limit: int = 20_000):
     """Torch-Pruning's index mappings, made safe for models it does not understand.
 
     Torch-Pruning maps channels through ``cat``/``split``/``view``/... by channel counts it infers
-    from the graph. A reshape gets its (stride) mapping only when it is a flatten into linear
-    layers: on other reshapes (a channel shuffle, an unflatten) it divides by zero or builds index
-    lists that grow without bound. Any mapping that raises (an uninferable channel count) leaves
-    the default mapping. Either way the node goes into ``unmapped`` and the groups through it are
-    refused, instead of the whole model failing. Active while chip builds graphs and groups.
+    from the graph. A reshape keeps a (stride) mapping only when it is a flatten into linear
+    layers: on other reshapes (an unflatten, a channel shuffle) such a mapping builds index lists
+    that grow without bound. Any mapping that raises (an uninferable channel count, a division by
+    zero) leaves the default mapping. Either way the node goes into ``unmapped`` and the groups
+    through it are refused, instead of the whole model failing. Active while chip builds graphs and groups.
+
+    ``limit`` bounds the items of one group's dependency walk. ``frozen=True`` also skips the whole-graph mapping refresh Torch-Pruning runs before building
+    every group: right while nothing is pruned (building all groups of a graph, or collecting the
+    groups of a plan before pruning any), and the refresh is the slow part on models with many
+    concatenations (DenseNet: quadratic in their inputs).
     """
-    originals = {name: getattr(tp_index_mapping, name) for name in _MAPPINGS}
+    originals = {name: getattr(tp_index_mapping, name) for name in _MAPPINGS + ("update_index_mapping",)}
 
     def guard(name):
         def guarded(graph, node):
             if node in unmapped:
                 return
-            if name == "update_reshape_index_mapping" and not _feeds_linear_only(node):
-                unmapped.add(node)
-                return
+            deps = [*node.dependencies,
+                    *(d for n in node.inputs + node.outputs for d in n.dependencies
+                      if d.target is node)]
+            before = [list(d.index_mapping) for d in deps]
             try:
                 originals[name](graph, node)
             except (ZeroDivisionError, TypeError, IndexError, ValueError):
                 unmapped.add(node)
+                return
+            changed = any(d.index_mapping != b for d, b in zip(deps, before))
+            if name == "update_reshape_index_mapping" and changed and not _feeds_linear_only(node):
+                for d, b in zip(deps, before):  # not a flatten into linear layers: undo, refuse
+                    d.index_mapping = b
+                unmapped.add(node)
 
         return guarded
 
+    add_dep = tp.dependency.Group.add_dep
+
+    def bounded_add_dep(group, dep, idxs):
+        # Torch-Pruning's dependency walk can cycle (slowly, and without bound in memory) when
+        # index mappings keep shifting, e.g. through an in-place slice update it takes for an
+        # element-wise op; real groups have far fewer items than twice the graph's nodes
+        if len(group._group) > limit:
+            raise RecursionError(f"its dependency walk passed {limit} steps")
+        add_dep(group, dep, idxs)
+
     for name in _MAPPINGS:
         setattr(tp_index_mapping, name, guard(name))
+    if frozen:
+        tp_index_mapping.update_index_mapping = lambda graph: None
+    tp.dependency.Group.add_dep = bounded_add_dep
     try:
         yield
     finally:
         for name, fn in originals.items():
             setattr(tp_index_mapping, name, fn)
+        tp.dependency.Group.add_dep = add_dep
+
+
+def _walk_limit(dg) -> int:
+    """Items one group's dependency walk may add: twice the graph's nodes, plus slack (measured:
+    the largest real groups of the torchvision zoo stay below 0.6 x nodes)."""
+    return 2 * len(dg.module2node) + 100
 
 
 def _feeds_linear_only(node) -> bool:
@@ -429,8 +486,9 @@ def _trace_groups(model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
             verbose=False,
         )
         dg.chip_unmapped = unmapped
-        found = [_convert(g, dg, names, order, shapes) if isinstance(g, tp.dependency.Group)
-                 else (_untraceable(g[0], names, g[1]), g[1]) for g in _tp_groups(dg)]
+        with _tolerant_mappings(unmapped, frozen=True, limit=_walk_limit(dg)):
+            found = [_convert(g, dg, names, order, shapes) if isinstance(g, tp.dependency.Group)
+                     else (_untraceable(g[0], names, g[1]), g[1]) for g in _tp_groups(dg)]
     found = [f for f in found if f is not None]
     found.sort(key=lambda f: order.get(f[0].name, len(order)))
     prunable = [g for g, reason in found if reason is None]

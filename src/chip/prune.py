@@ -68,12 +68,10 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
     _check_plan(model, plan, graph)
     removed = {name: plan.removed(name) for name in plan.groups if plan.removed(name)}
     failure = None
-    for name, idxs in removed.items():
-        try:
-            graph.pruning_group(name, idxs).prune()
-        except Exception as exc:  # noqa: BLE001 - Torch-Pruning's errors become one line
-            failure = f"Torch-Pruning cannot prune group {name!r} ({_first_line(exc)})"
-            break
+    try:
+        graph.prune(removed)
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning's errors become one line
+        failure = f"Torch-Pruning cannot prune it ({_first_line(exc)})"
     if failure is not None and not verify:
         raise ChipError(f"pruning failed: {failure}")
     if verify:
@@ -303,23 +301,20 @@ def _trial(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[int]],
         handles = masked_forward_hooks(work, removed, graph)
         try:
             reference = flat_outputs(work(x))
+        except Exception as exc:  # noqa: BLE001
+            return f"chip cannot mask its channels ({_first_line(exc)})"
         finally:
             for h in handles:
                 h.remove()
+        if not _informative(reference):
+            return "chip cannot check it: the masked model's output is zero or not finite"
         try:
-            for name, idxs in removed.items():
-                graph.pruning_group(name, idxs).prune()
+            graph.prune(removed)
         except Exception as exc:  # noqa: BLE001 - any failure is a reason to refuse the group
             return f"Torch-Pruning cannot prune it ({_first_line(exc)})"
-        try:
-            output = flat_outputs(work(x))
-        except Exception as exc:  # noqa: BLE001
-            return f"the pruned model does not run ({_first_line(exc)})"
-    error = _relative_error(reference, output)
-    if error is None:
-        return "pruning it changes the shape of the model's output"
-    if error > VERIFY_RTOL:
-        return f"pruning it changes what the model computes (max relative error {error:.2g})"
+    why = _mismatch(reference, work, x)
+    if why is not None:
+        return why
     if counter is not None:
         from .counting import count
 
@@ -363,41 +358,38 @@ def _verify(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
             removed: Mapping[str, list[int]], graph: GroupGraph, failure: str | None) -> None:
     """The pruned model against the masked original, in float64; ChipError naming the group.
 
-    ``graph`` names the groups (a trace of the same architecture); ``failure`` is a pruning
-    error already met, which sends the search for the culprit straight to bisection.
+    Models already in float64 are compared as they are, others through float64 copies. When the
+    original's output carries no information (all zero, as with a zero-initialised head, or not
+    finite) the same removal is checked on a :func:`probe_copy` with random weights instead.
+    ``graph`` names the groups (a trace of the same architecture); ``failure`` is a pruning error
+    already met, which sends the search for the culprit straight to bisection.
     """
     x = _example(pristine, plan.input_size).double()
-    reference = copy.deepcopy(pristine).double()
-    with eval_mode(reference), torch.no_grad():
-        handles = masked_forward_hooks(reference, removed, graph)
-        try:
-            expected = flat_outputs(reference(x))
-        except Exception as exc:  # noqa: BLE001
-            raise ChipError(f"cannot verify the pruned model: the original does not run in float64 "
-                            f"({_first_line(exc)}); pass verify=False") from None
-        finally:
-            for h in handles:
-                h.remove()
-    del reference
     why = failure
-    candidate = copy.deepcopy(pruned).double() if why is None else None
-    if candidate is not None:
-        with eval_mode(candidate), torch.no_grad():
+    if why is None:
+        reference = _float64(pristine)
+        with eval_mode(reference), torch.no_grad():
+            handles = masked_forward_hooks(reference, removed, graph)
             try:
-                error = _relative_error(expected, flat_outputs(candidate(x)))
-                if error is None:
-                    why = "pruning it changes the shape of the model's output"
-                elif error > VERIFY_RTOL:
-                    why = f"pruning it changes what the model computes (max relative error {error:.2g})"
+                expected = flat_outputs(reference(x))
             except Exception as exc:  # noqa: BLE001
-                why = f"the pruned model does not run ({_first_line(exc)})"
-    del candidate
+                raise ChipError(f"cannot verify the pruned model: the original does not run in "
+                                f"float64 ({_first_line(exc)}); pass verify=False") from None
+            finally:
+                for h in handles:
+                    h.remove()
+        del reference
+        if _informative(expected):
+            why = _mismatch(expected, _float64(pruned), x)
+        else:
+            work = probe_copy(pristine)
+            why = _trial(work, _trace_groups(work, x), removed, x, None)
     if why is None:
         _verify_counts(pristine, pruned, plan, graph)
         return
 
     def trial(names):
-        work = copy.deepcopy(pristine).double()
+        work = probe_copy(pristine)
         return _trial(work, _trace_groups(work, x), {n: removed[n] for n in names}, x, None)
 
     bad = _bisect(list(removed), why, trial, graph)
@@ -405,6 +397,35 @@ def _verify(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
     layers = ", ".join(dict.fromkeys(m.name for m in graph[name].members))
     raise ChipError(f"verification failed for group {name!r} (layers {layers[:200]}): {reason}; "
                     "keep that group whole (rate 0 in a per-layer target) or report it")
+
+
+def _float64(model: nn.Module) -> nn.Module:
+    """``model`` itself if every floating tensor in it is float64, else a float64 deep copy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == torch.float64 for t in tensors if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).double()
+
+
+def _informative(outputs: list[torch.Tensor]) -> bool:
+    """Outputs that can reveal a wrong model: finite and not all zero."""
+    return bool(outputs) and all(bool(torch.isfinite(t).all()) for t in outputs) \
+        and any(bool(t.abs().max() > 0) for t in outputs if t.numel())
+
+
+def _mismatch(expected: list[torch.Tensor], candidate: nn.Module, x: torch.Tensor) -> str | None:
+    """Why ``candidate`` does not compute ``expected`` (None when it does)."""
+    with eval_mode(candidate), torch.no_grad():
+        try:
+            output = flat_outputs(candidate(x))
+        except Exception as exc:  # noqa: BLE001
+            return f"the pruned model does not run ({_first_line(exc)})"
+    error = _relative_error(expected, output)
+    if error is None:
+        return "pruning it changes the shape of the model's output"
+    if not error <= VERIFY_RTOL:  # also catches NaN
+        return f"pruning it changes what the model computes (max relative error {error:.2g})"
+    return None
 
 
 def _verify_counts(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
