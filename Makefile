@@ -6,7 +6,7 @@ DATA ?= digits
 # torch/torchvision pinned to the builds this workplace caches on disk (CPU works with the CUDA build).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint clean
 
 $(BIN)/chip: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +19,12 @@ venv: $(BIN)/chip
 demo: venv
 	$(BIN)/chip run configs/demo.yaml --data $(DATA) --out-dir runs/demo-$(DATA)
 
+# two workers (the CI machine has two cores); the largest coverage models share one worker
 test: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow" tests
 
 lint: venv
 	$(BIN)/ruff check src tests bench

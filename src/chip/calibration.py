@@ -156,7 +156,7 @@ def _gather(x: torch.Tensor, consumer: Member) -> torch.Tensor:
     """
     if consumer.axis % x.dim() != 1:
         x = x.movedim(consumer.axis, 1)
-    if consumer.is_identity and x.dim() > 2:
+    if consumer.is_identity and x.dim() > 2 and x.shape[1] == consumer.index.shape[0]:
         return x
     index = consumer.index.to(x.device)
     if x.dim() == 2:

@@ -387,6 +387,8 @@ def _width_table(plan) -> list[str]:
     lines = [f"{'group':<{width}}  channels  kept"]
     for name, g in plan.groups.items():
         lines.append(f"{name:<{width}}  {g.channels:>8}  {g.kept:>4}")
+    for name, why in plan.skipped.items():
+        lines.append(f"kept whole: {name}: {why}")
     return lines
 
 
@@ -419,7 +421,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                "base_macs": s["base_macs"], "params_kept": s["params_kept"],
                "macs_kept": s["macs_kept"], "macs_convention": s["macs_convention"],
                "scores_used": p.scores_used, "widths": p.widths(),
-               "channels": {k: g.channels for k, g in p.groups.items()}}
+               "channels": {k: g.channels for k, g in p.groups.items()}, "skipped": p.skipped}
         print(json.dumps(obj))
         return 0
     lines = [f"{args.arch}, target {p.target}" + (f", round to {args.round_to}" if args.round_to > 1 else "")]

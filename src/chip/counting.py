@@ -306,11 +306,12 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> Counts:
 class _Layout:
     """The sizes of a layer that pruning changes, frozen at planning time."""
 
-    kind: str  # "conv" | "linear" | "channel" (one entry per channel: norms, PReLU)
+    kind: str  # "conv" | "linear" | "channel" (one entry per channel: norms, PReLU) | "custom"
     out: int
     inp: int = 0
     groups: int = 1
     kernel: int = 1
+    shapes: tuple = ()  # "custom": (name, shape) of each own parameter
 
 
 def _layout(module: nn.Module) -> _Layout | None:
@@ -322,7 +323,14 @@ def _layout(module: nn.Module) -> _Layout | None:
     if isinstance(module, _CHANNEL_LAYERS):
         own = list(module.parameters(recurse=False))
         return _Layout("channel", own[0].numel()) if own else None
-    return None
+    from .groups import CUSTOM_PRUNERS  # layers with a registered pruner
+
+    pruner = CUSTOM_PRUNERS.get(type(module))
+    if pruner is None:
+        return None
+    shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
+    return _Layout("custom", pruner.get_out_channels(module), pruner.get_in_channels(module),
+                   shapes=shapes)
 
 
 _CHANNEL_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
@@ -350,11 +358,27 @@ def _channel_params(layout: _Layout, out_rm: int, _in_rm: int) -> dict[str, int]
     return {"weight": layout.out - out_rm, "bias": layout.out - out_rm}
 
 
+def _custom_params(layout: _Layout, out_rm: int, in_rm: int) -> dict[str, int]:
+    """A layer with a registered pruner: the first dimension of each parameter that has the
+    layer's output (else input) channel count shrinks. An assumption: ``chip.prune``'s checks
+    compare it with the real pruned layer and refuse the group when it is wrong."""
+    sizes = {}
+    for name, shape in layout.shapes:
+        dims = list(shape)
+        for want, rm in ((layout.out, out_rm), (layout.inp, in_rm)):
+            if want in dims:
+                dims[dims.index(want)] -= rm
+                break
+        sizes[name] = math.prod(dims)
+    return sizes
+
+
 # layer kind -> its own parameters' sizes after removing (out, in) channel positions
 PARAM_RULES: dict[str, Callable[[_Layout, int, int], dict[str, int]]] = {
     "conv": _conv_params,
     "linear": _linear_params,
     "channel": _channel_params,
+    "custom": _custom_params,
 }
 
 
@@ -379,6 +403,7 @@ class WidthCounter:
 
     def __init__(self, model: nn.Module, graph, input_size):
         base = count(model, input_size)
+        self.input_size = tuple(input_size)[1:]  # per image: the batch entry does not matter
         self.base_params, self.base_macs = base.params, base.macs
         self.groups_list = list(graph)
         self.groups = {g.name: g.channels for g in graph}

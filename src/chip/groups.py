@@ -272,6 +272,7 @@ class GroupGraph:
                  skipped: dict[str, str] | None = None, all_groups: list[ChannelGroup] = ()):
         self.model = model
         self.dg = dg
+        self.counter = None  # a chip.counting.WidthCounter, when one was built while checking
         self.groups = groups
         self.skipped = dict(skipped or {})
         self.all_groups = list(all_groups) or list(groups)
@@ -392,7 +393,7 @@ def _tolerant_mappings(unmapped: set, frozen: bool = False, limit: int = 20_000)
 
         return guarded
 
-    add_dep = tp.dependency.Group.add_dep
+    add_dep, has_pruning_op = tp.dependency.Group.add_dep, tp.dependency.Group.has_pruning_op
 
     def bounded_add_dep(group, dep, idxs):
         # Torch-Pruning's dependency walk can cycle (slowly, and without bound in memory) when
@@ -401,18 +402,30 @@ def _tolerant_mappings(unmapped: set, frozen: bool = False, limit: int = 20_000)
         if len(group._group) > limit:
             raise RecursionError(f"its dependency walk passed {limit} steps")
         add_dep(group, dep, idxs)
+        index = group.__dict__.setdefault("_chip_index", {})
+        index.setdefault((id(dep.target), dep.handler), []).append(idxs)
+
+    def indexed_has_pruning_op(group, dep, idxs):
+        # the same test as Torch-Pruning's, by lookup instead of a scan of every item (the scan
+        # makes each walk quadratic in its length)
+        index = group.__dict__.get("_chip_index")  # complete: every item came via add_dep
+        if index is None:
+            return has_pruning_op(group, dep, idxs)
+        return any(known == idxs for known in index.get((id(dep.target), dep.handler), ()))
 
     for name in _MAPPINGS:
         setattr(tp_index_mapping, name, guard(name))
     if frozen:
         tp_index_mapping.update_index_mapping = lambda graph: None
     tp.dependency.Group.add_dep = bounded_add_dep
+    tp.dependency.Group.has_pruning_op = indexed_has_pruning_op
     try:
         yield
     finally:
         for name, fn in originals.items():
             setattr(tp_index_mapping, name, fn)
         tp.dependency.Group.add_dep = add_dep
+        tp.dependency.Group.has_pruning_op = has_pruning_op
 
 
 def _walk_limit(dg) -> int:
@@ -457,9 +470,11 @@ def find_groups(model: nn.Module, example_inputs: torch.Tensor, *, check: bool =
     work = probe_copy(model, seed)
     x = example_inputs.to(device=_device_of(work), dtype=_float_dtype(work, example_inputs))
     graph = _trace_groups(work, x)
-    bad = check_groups(model, graph, example_inputs, seed=seed, first=work)
+    bad = check_groups(model, graph, example_inputs, seed=seed)
     checked = graph.without(bad)
-    return GroupGraph(model, None, checked.groups, checked.skipped, checked.all_groups)
+    result = GroupGraph(model, None, checked.groups, checked.skipped, checked.all_groups)
+    result.counter = graph.counter  # exact counts do not depend on the weights: plan reuses it
+    return result
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -476,17 +491,9 @@ def _trace_groups(model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
     _register_builtin_pruners()
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
-    unmapped: set = set()
-    with eval_mode(model), torch.enable_grad(), _tolerant_mappings(unmapped):
-        shapes = _io_shapes(model, example_inputs, names)
-        dg = tp.DependencyGraph().build_dependency(
-            model,
-            example_inputs=example_inputs,
-            customized_pruners=dict(CUSTOM_PRUNERS),
-            verbose=False,
-        )
-        dg.chip_unmapped = unmapped
-        with _tolerant_mappings(unmapped, frozen=True, limit=_walk_limit(dg)):
+    with eval_mode(model), torch.enable_grad():
+        dg, shapes = _build_graph(model, example_inputs, names)
+        with _tolerant_mappings(dg.chip_unmapped, frozen=True, limit=_walk_limit(dg)):
             found = [_convert(g, dg, names, order, shapes) if isinstance(g, tp.dependency.Group)
                      else (_untraceable(g[0], names, g[1]), g[1]) for g in _tp_groups(dg)]
     found = [f for f in found if f is not None]
@@ -494,6 +501,39 @@ def _trace_groups(model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
     prunable = [g for g, reason in found if reason is None]
     skipped = {g.name: reason for g, reason in found if reason is not None}
     return GroupGraph(model, dg, prunable, skipped, [g for g, _ in found])
+
+
+def retrace(graph: GroupGraph, model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
+    """``graph``'s groups on ``model``, another instance of the same architecture: only the
+    Torch-Pruning graph is built again (for pruning it), not the groups."""
+    names = {m: n for n, m in model.named_modules()}
+    with eval_mode(model), torch.enable_grad():
+        dg, _ = _build_graph(model, example_inputs, names)
+    return GroupGraph(model, dg, graph.groups, graph.skipped, graph.all_groups)
+
+
+def _build_graph(model: nn.Module, example_inputs: torch.Tensor, names):
+    """Torch-Pruning's DependencyGraph of ``model`` (with ``chip_unmapped``) and the input and
+    output shapes of every module's first call. Call in eval mode with autograd on."""
+    unmapped: set = set()
+    shapes: dict[str, tuple] = {}
+    handles = [m.register_forward_hook(_shape_hook(shapes, names)) for m in names]
+    try:  # a tuple: Torch-Pruning would otherwise try model(*x) (x[0] unbatched) first
+        with _tolerant_mappings(unmapped):
+            dg = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=(example_inputs,),
+                customized_pruners=dict(CUSTOM_PRUNERS),
+                verbose=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - a model that does not run is the user's input
+        _check_runs(model, example_inputs)
+        raise ChipError(f"Torch-Pruning cannot trace the model ({_first_line(exc)})") from None
+    finally:
+        for h in handles:
+            h.remove()
+    dg.chip_unmapped = unmapped
+    return dg, shapes
 
 
 def _tp_groups(dg):
@@ -513,8 +553,7 @@ def _tp_groups(dg):
                                          list(range(pruner.get_out_channels(module))))
         except Exception as exc:  # noqa: BLE001 - Torch-Pruning's failure refuses this group only
             visited.add(module)
-            text = (str(exc).strip().splitlines() or [""])[0]
-            yield module, f"Torch-Pruning cannot follow its channels ({type(exc).__name__}: {text})"
+            yield module, f"Torch-Pruning cannot follow its channels ({_first_line(exc)})"
             continue
         for item in group:
             if dg.is_out_channel_pruning_fn(item.dep.handler):
@@ -530,9 +569,8 @@ def _untraceable(module, names, reason: str) -> ChannelGroup:
                         members=(), root=name)
 
 
-def _io_shapes(model: nn.Module, x: torch.Tensor, names) -> dict[str, tuple]:
-    """Module name -> (input shape, output shape) of its first call."""
-    shapes: dict[str, tuple] = {}
+def _shape_hook(shapes: dict, names):
+    """Forward hook recording module name -> (input shape, output shape) of its first call."""
 
     def hook(module, inputs, output):
         name = names.get(module)
@@ -541,18 +579,25 @@ def _io_shapes(model: nn.Module, x: torch.Tensor, names) -> dict[str, tuple]:
             shapes[name] = (tuple(inp.shape) if inp is not None else None,
                             tuple(output.shape) if isinstance(output, torch.Tensor) else None)
 
-    handles = [m.register_forward_hook(hook) for m in names]
+    return hook
+
+
+def _check_runs(model: nn.Module, x: torch.Tensor) -> None:
+    """ChipError naming the input shape if ``model(x)`` fails."""
     try:
         with torch.inference_mode():
             model(x)
-    except Exception as exc:  # a model that does not run is the user's input problem
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ChipError(f"the model does not run on an input of shape {tuple(x.shape)}: {first}; "
-                        "expected (batch, channels, *spatial) that the model accepts") from None
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
+    except Exception as exc:  # noqa: BLE001 - a model that does not run is the user's input
+        raise ChipError(f"the model does not run on an input of shape {tuple(x.shape)}: "
+                        f"{_first_line(exc, with_type=False)}; expected (batch, channels, "
+                        "*spatial) that the model accepts") from None
+
+
+def _first_line(exc: BaseException, with_type: bool = True) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if not with_type:
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _index_table(idxs: Sequence[int], root_idxs: Sequence[int], channels: int) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ChipError
-from .groups import ChannelGroup, GroupGraph, _trace_groups, find_groups
+from .groups import ChannelGroup, GroupGraph, _first_line, find_groups, retrace
 from .spec import PruningPlan, WidthCounter
 from .utils import eval_mode, flat_outputs
 
@@ -211,15 +211,15 @@ def probe_copy(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def check_groups(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tensor, *,
-                 seed: int = 0, first: nn.Module | None = None) -> dict[str, str]:
+                 seed: int = 0) -> dict[str, str]:
     """Groups of ``graph`` chip cannot prune correctly, with the reason (``{}`` if none).
 
-    Every group of ``graph`` loses about half of its units (within its structure rules) in a
-    :func:`probe_copy` of ``model``; the pruned copy must run, match the masked original
-    (:func:`masked_forward_hooks`) to ``VERIFY_RTOL`` and have the params/MACs the plan's
-    counter predicts. If it does not, bisection finds the groups at fault: a handful of extra
-    copies per bad group. ``graph`` is the static graph of ``first`` (a probe copy already
-    traced; made here when ``None``).
+    ``graph`` is the unchecked graph of ``graph.model``, a :func:`probe_copy` of ``model`` with
+    ``seed``; it is pruned in place. Every group loses about half of its units (within its
+    structure rules); the pruned copy must run, match the masked original
+    (:func:`masked_forward_hooks`) to ``VERIFY_RTOL`` and have the params/MACs the plan's counter
+    predicts (the counter is left in ``graph.counter``). If it does not, bisection on fresh probe
+    copies finds the groups at fault: a handful of extra copies per bad group.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tuple(example_inputs.shape), generator=gen, dtype=torch.float64)
@@ -228,18 +228,18 @@ def check_groups(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tens
         return {}
     removal = {g.name: _probe_removal(g, gen) for g in candidates}
     x = x.to(next(iter(graph.model.parameters())).device) if list(graph.model.parameters()) else x
-    counter = WidthCounter(graph.model, graph, tuple(x.shape))
+    counter = graph.counter = WidthCounter(graph.model, graph, tuple(x.shape))
 
-    def fresh():
-        work = probe_copy(model, seed)
-        return work, _trace_groups(work, x)
+    reason = _trial(graph.model, graph, removal, x, counter)
+    if reason is None:
+        return {}
+    template = probe_copy(model, seed)  # random weights once; every bisection trial clones them
 
-    def trial(names: Sequence[str], made=None) -> str | None:
-        work, g = made if made is not None else fresh()
-        return _trial(work, g, {n: removal[n] for n in names}, x, counter)
+    def trial(names: Sequence[str]) -> str | None:
+        work = copy.deepcopy(template)
+        return _trial(work, retrace(graph, work, x), {n: removal[n] for n in names}, x, counter)
 
-    reason = trial([g.name for g in candidates], (graph.model, graph))
-    return {} if reason is None else _bisect([g.name for g in candidates], reason, trial, graph)
+    return _bisect([g.name for g in candidates], reason, trial, graph)
 
 
 def _probe_removal(group: ChannelGroup, gen: torch.Generator) -> list[int]:
@@ -254,24 +254,33 @@ def _probe_removal(group: ChannelGroup, gen: torch.Generator) -> list[int]:
 
 
 def _bisect(names: list[str], reason: str, trial: Callable, graph: GroupGraph) -> dict[str, str]:
-    """Split a failing set until single groups fail; then re-check what is left."""
+    """The groups of a failing set that fail on their own, with reasons (binary splitting).
+
+    ``search`` is only called on sets known to fail. When the first half passes, the failure is
+    in the second half (tested only when it is split further); sets that fail only together are
+    refused as a whole. What is left is re-checked until it passes.
+    """
     bad: dict[str, str] = {}
 
     def search(subset: list[str], why: str) -> None:
         if len(subset) == 1:
             bad[subset[0]] = _explain(graph[subset[0]], why)
             return
-        half = len(subset) // 2
-        parts = [(p, trial(p)) for p in (subset[:half], subset[half:])]
-        for part, part_reason in parts:
-            if part_reason is not None:
-                search(part, part_reason)
-        if all(r is None for _, r in parts):  # only fails together: refuse all of them
+        first, second = subset[: len(subset) // 2], subset[len(subset) // 2:]
+        first_why = trial(first)
+        if first_why is not None:
+            search(first, first_why)
+            second_why = trial(second)
+        else:
+            second_why = why if len(second) > 1 else trial(second)
+        if second_why is not None:
+            search(second, second_why)
+        elif first_why is None:  # only fails together: refuse all of them
             for name in subset:
                 bad[name] = _explain(graph[name], f"together with other groups, {why}")
 
     search(names, reason)
-    while True:  # what is left must pass as a whole
+    while True:
         rest = [n for n in names if n not in bad]
         if not rest:
             return bad
@@ -338,11 +347,6 @@ def _relative_error(reference: list[torch.Tensor], output: list[torch.Tensor]) -
     return worst
 
 
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _example(model: nn.Module, input_size, zeros: bool = False, seed: int = 0) -> torch.Tensor:
     """An input of ``input_size`` in the model's device and floating dtype."""
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -383,14 +387,16 @@ def _verify(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
             why = _mismatch(expected, _float64(pruned), x)
         else:
             work = probe_copy(pristine)
-            why = _trial(work, _trace_groups(work, x), removed, x, None)
+            why = _trial(work, retrace(graph, work, x), removed, x, None)
     if why is None:
         _verify_counts(pristine, pruned, plan, graph)
         return
 
+    template = probe_copy(pristine)
+
     def trial(names):
-        work = probe_copy(pristine)
-        return _trial(work, _trace_groups(work, x), {n: removed[n] for n in names}, x, None)
+        work = copy.deepcopy(template)
+        return _trial(work, retrace(graph, work, x), {n: removed[n] for n in names}, x, None)
 
     bad = _bisect(list(removed), why, trial, graph)
     name, reason = next(iter(bad.items()))
@@ -434,8 +440,10 @@ def _verify_counts(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
     :func:`chip.count` of the pruned model."""
     from .counting import count
 
-    predicted = WidthCounter(pristine, graph, plan.input_size)(plan.widths())
     measured = count(pruned, plan.input_size)
+    if (plan.stats.get("params"), plan.stats.get("macs")) == (measured.params, measured.macs):
+        return  # what chip.plan reported
+    predicted = WidthCounter(pristine, graph, plan.input_size)(plan.widths())  # an edited plan?
     if predicted != (measured.params, measured.macs):
         raise ChipError(f"the pruned model has {measured.params} params and {measured.macs} MACs "
                         f"but chip predicted {predicted[0]} and {predicted[1]}; this is a chip bug: "

@@ -376,7 +376,9 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
     if graph is None:
         graph = find_groups(model, _zeros(model, input_size))
     _warn_skipped(graph)
-    counter = WidthCounter(model, graph, input_size)
+    counter = graph.counter
+    if counter is None or counter.input_size != tuple(input_size)[1:]:
+        counter = WidthCounter(model, graph, input_size)
     kind, value = parse_target(target)
     solved_rate = None
     if kind == "sparsity":
