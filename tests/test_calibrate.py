@@ -17,7 +17,7 @@ from chip.errors import ChipError
 from chip.groups import find_groups
 
 # The reference hooks the last stage's final block output; chip scores that stream where its
-# consumer reads it, after the global pool (SPEC §1). That stream is never pruned by the paper.
+# consumer reads it, after the global pool (docs/method.md section 1). That stream is never pruned by the paper.
 POOLED_LAST = {
     "resnet56": ("layer3.8.relu2", "flatten"),
     "resnet110": ("layer3.17.relu2", "flatten"),

@@ -1,7 +1,7 @@
 """Model zoo: shapes, parameter counts, reference key names and the option-A shortcut.
 
 Oracles are independent of the model code: parameter counts from a hand formula, state_dict key
-sets generated from the SPEC section 4 naming patterns, and forwards recomputed with plain
+sets generated from the docs/method.md section 8 naming patterns, and forwards recomputed with plain
 ``torch.nn.functional`` calls on the model's own state_dict.
 """
 
@@ -144,11 +144,11 @@ def test_param_count(name):
     elif name == "vgg16_bn":
         assert n == _vgg_params(VGG16_CFG)
     else:
-        assert n == 25_557_032  # torchvision ResNet-50 (SPEC section 5)
+        assert n == 25_557_032  # torchvision ResNet-50 (docs/method.md section 4)
 
 
 def test_param_count_published():
-    """Numbers of SPEC section 5 and the hand count of ResNet-110 / VGG-16-BN (option A, 10 classes)."""
+    """Numbers of docs/method.md section 4 and the hand count of ResNet-110 / VGG-16-BN (option A, 10 classes)."""
     assert _resnet_cifar_params(56) == 853_018
     assert _n_params(M.create("resnet56")) == 853_018
     assert _n_params(M.create("resnet110")) == 1_727_962

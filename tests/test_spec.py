@@ -1,6 +1,6 @@
 """Targets -> plans (chip.spec): sparsity strings, widths, counts, budgets, plan files.
 
-Numbers come from SPEC §3/§5 (widths, baselines, paper rows); counts are checked against real
+Numbers come from docs/method.md sections 3 and 4 (widths, baselines, paper rows); counts are checked against real
 surgery + :func:`chip.count`, and kept sets against a plain sort oracle.
 """
 
@@ -166,7 +166,7 @@ def test_parse_target_rejects(target):
         parse_target(target)
 
 
-# -- sparsity strings on the zoo (SPEC §3) ------------------------------------------------------
+# -- sparsity strings on the zoo (docs/method.md section 3) ------------------------------------------------------
 
 
 def test_resnet56_sparsity_widths():
@@ -225,7 +225,7 @@ def test_differing_stem_rate_warns_and_follows_stream():
     assert p.widths()["conv1"] == 12  # the stage-1 stream rate, not the stem's
 
 
-# -- counts (SPEC §5) -----------------------------------------------------------------------------
+# -- counts (docs/method.md section 4) -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch,params,macs", [

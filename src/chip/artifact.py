@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ChipError
-from .utils import atomic_write
+from .utils import atomic_path, atomic_write
 
 __all__ = [
     "FORMAT",
@@ -101,12 +101,11 @@ def save(model: nn.Module, path, *, extra: Mapping[str, Any] | None = None,
     header["check_buffers"] = checks
     header["state_dict_metadata"] = _state_metadata(metadata, "the model's state_dict metadata")
     _json(header["state_dict_metadata"], "the model's state_dict metadata")
-    from safetensors.torch import save as st_save
+    from safetensors.torch import save_file
 
-    blob = st_save(tensors, metadata={_META_KEY: _json(header, "header")})
     path = Path(path)
-    with atomic_write(path) as f:
-        f.write(blob)
+    with atomic_path(path) as tmp:  # written straight from the tensors: no in-memory file copy
+        save_file(tensors, str(tmp), metadata={_META_KEY: _json(header, "header")})
     return path
 
 
@@ -157,13 +156,14 @@ def _json(value: Any, what: str) -> str:
 
 
 def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], Any]:
-    """CPU copies of the state_dict plus the non-persistent buffers (prefixed), for safetensors,
+    """The state_dict on the CPU plus the non-persistent buffers (prefixed), for safetensors,
     and the state_dict's ``_metadata`` (None if it has none)."""
     state = model.state_dict()
-    tensors = {k: _cpu_copy(v) for k, v in state.items()}
+    seen: set[int] = set()
+    tensors = {k: _cpu_copy(v, seen) for k, v in state.items()}
     checks = [name for name, _ in model.named_buffers() if name not in state]
     for name in checks:
-        tensors[_CHECK_PREFIX + name] = _cpu_copy(model.get_buffer(name))
+        tensors[_CHECK_PREFIX + name] = _cpu_copy(model.get_buffer(name), seen)
     return tensors, checks, getattr(state, "_metadata", None)
 
 
@@ -185,9 +185,17 @@ def _state_metadata(value: Any, what: str) -> dict[str, dict[str, Any]] | None:
     return {prefix: dict(entry) for prefix, entry in value.items()}
 
 
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    # a fresh contiguous copy: safetensors refuses views and tensors that share storage
-    return t.detach().to("cpu", copy=True).contiguous()
+def _cpu_copy(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """``t`` on the CPU, copied only where safetensors needs it: views, non-contiguous tensors
+    and tensors sharing storage with one already taken (``seen`` holds storage pointers)."""
+    t = t.detach().cpu()
+    storage = t.untyped_storage()
+    whole = t.is_contiguous() and t.storage_offset() == 0 \
+        and storage.nbytes() == t.numel() * t.element_size()
+    if not whole or storage.data_ptr() in seen or t.numel() == 0:
+        t = t.clone(memory_format=torch.contiguous_format)
+    seen.add(t.untyped_storage().data_ptr())
+    return t
 
 
 # -- reading ---------------------------------------------------------------------------------------

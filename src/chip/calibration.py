@@ -1,14 +1,14 @@
 """Calibration: one streaming inference pass that scores every prunable channel.
 
 ``calibrate(model, loader)`` finds the model's channel groups (:mod:`chip.groups`), hooks the
-input of every consumer layer (the tensor the pruned channels' readers see, SPEC §1), runs the
+input of every consumer layer (the tensor the pruned channels' readers see, docs/method.md section 1), runs the
 model once over ``num_batches`` batches in eval mode under ``inference_mode`` and, inside the hooks,
 turns each batch's maps into per-sample scores (channel independence by default) that are summed
 in float64. No feature map outlives its hook call. Consumers that read the same tensor (e.g. the
 first conv of a stage and its pad shortcut) are scored once.
 
 The result, :class:`ChannelScores`, holds the mean score of every hook point and of every group
-(the mean over the group's hook points, SPEC §1 "coupled channels"). It saves to safetensors (no
+(the mean over the group's hook points, docs/method.md section 1 "coupled channels"). It saves to safetensors (no
 pickle) and converts to and from the reference code's ``ci_conv{k}.npy`` files.
 """
 
@@ -235,7 +235,7 @@ class ChannelScores:
 
     @classmethod
     def from_points(cls, points: dict[str, torch.Tensor], point_group: dict[str, str], **kw):
-        """Group scores as the mean of each group's hook-point vectors (SPEC §1)."""
+        """Group scores as the mean of each group's hook-point vectors (docs/method.md section 1)."""
         members: dict[str, list[torch.Tensor]] = {}
         for label, vec in points.items():
             members.setdefault(point_group[label], []).append(vec.to(torch.float64))
@@ -397,6 +397,7 @@ def calibrate(
     example = _example_from(loader).to(device)
     handles = []
     seen = 0
+    own_graph = graph is None
     try:
         model.to(device)
         graph = graph if graph is not None else find_groups(model, example, check=False)
@@ -423,6 +424,8 @@ def calibrate(
                 bar.update(1)
         bar.close()
     finally:  # the model leaves as it came: no hooks, same flags, same device
+        if own_graph and graph is not None:
+            graph.release()
         for h in handles:
             h.remove()
         for m, training in flags:

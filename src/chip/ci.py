@@ -7,7 +7,7 @@ For one sample, a layer's feature maps form a ``C x HW`` matrix ``A`` (one row p
 where ``||.||_*`` is the nuclear norm and ``A_{-i}`` is ``A`` with row ``i`` set to zero.
 
 :func:`channel_independence` computes all ``C`` scores of a sample from ONE Gram matrix and ONE
-symmetric eigendecomposition (instead of ``C`` SVDs), using the identity (SPEC section 2)
+symmetric eigendecomposition (instead of ``C`` SVDs), using the identity (docs/method.md section 2)
 
     CI_i = (2/pi) int_0^inf  f_i(t) dt,
     f_i = [sum_k w_ik l_k / (l_k + s)^2] / [sum_k w_ik s / (l_k + s) + w0_i] * s,   s = t^2,

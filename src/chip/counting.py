@@ -1,4 +1,4 @@
-"""Parameter and MAC counting (SPEC section 5).
+"""Parameter and MAC counting (docs/method.md section 4).
 
 Convention: ``params`` is every parameter of the model (shared parameters once); ``macs`` is the
 number of multiply-accumulates of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and

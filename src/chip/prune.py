@@ -57,6 +57,7 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
     original, so :func:`chip.save` can rebuild it. Every submodule keeps its own training flag.
     """
     plan.validate()
+    given = graph
     pristine = model if not inplace else None
     if not inplace:
         model = copy.deepcopy(model)
@@ -74,8 +75,12 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
         failure = f"Torch-Pruning cannot prune it ({_first_line(exc)})"
     if failure is not None and not verify:
         raise ChipError(f"pruning failed: {failure}")
-    if verify:
-        _verify(pristine, model, plan, removed, graph, failure)
+    try:
+        if verify:
+            _verify(pristine, model, plan, removed, graph, failure)
+    finally:
+        if graph.model is model and graph is not given:
+            graph.release()
     model.chip_plan = plan
     return model
 
@@ -305,7 +310,16 @@ def _is_plain_op(op: str) -> bool:
 
 def _trial(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[int]], x: torch.Tensor,
            counter: WidthCounter | None) -> str | None:
-    """Prune ``work`` (a float64 copy) by ``removed``; None if it matches the masked original."""
+    """Prune ``work`` (a float64 copy) by ``removed``; None if it matches the masked original.
+    ``graph`` (the graph of ``work``) is released afterwards."""
+    try:
+        return _try_pruning(work, graph, removed, x, counter)
+    finally:
+        graph.release()
+
+
+def _try_pruning(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[int]],
+                 x: torch.Tensor, counter: WidthCounter | None) -> str | None:
     with eval_mode(work), torch.no_grad():
         handles = masked_forward_hooks(work, removed, graph)
         try:

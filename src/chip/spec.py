@@ -2,7 +2,7 @@
 
 A target is one of
 
-* a sparsity string of the reference code (SPEC §3), e.g. ``"[0.]+[0.15]*2+[0.4]*27"``, for the
+* a sparsity string of the reference code (docs/method.md section 3), e.g. ``"[0.]+[0.15]*2+[0.4]*27"``, for the
   zoo architectures (positions are looked up in :data:`SPARSITY_LAYOUTS`);
 * a uniform rate ``0.3`` (every group loses 30 % of its channels);
 * a per-layer mapping ``{"layer1.0.conv1": 0.5, ...}`` keyed by group or producer module name
@@ -90,7 +90,7 @@ def parse_sparsity(text: str) -> list[float]:
 
 
 def _resnet_cifar_layout(n: int) -> list[list[str]]:
-    """[stem, stage-1 stream, stage-2 stream, one inner rate per block] (SPEC §3)."""
+    """[stem, stage-1 stream, stage-2 stream, one inner rate per block] (docs/method.md section 3)."""
     inner = [[f"layer{s}.{b}.conv1"] for s in (1, 2, 3) for b in range(n)]
     return [[], ["conv1"], ["layer2.0.conv2"]] + inner
 

@@ -1,4 +1,4 @@
-"""Fine-tuning engine: the paper's SGD recipe (SPEC §6) in the style of torchvision's references.
+"""Fine-tuning engine: the paper's SGD recipe (docs/method.md section 5) in the style of torchvision's references.
 
 Pieces, usable separately::
 
@@ -62,7 +62,7 @@ LrFn = Callable[[int, int], float]
 
 
 def warmup_factor(epoch: int, step: int, iters_per_epoch: int, warmup_epochs: int) -> float:
-    """Linear warm-up factor of SPEC §6: ``(1 + step + epoch * iters) / (warmup * iters)``."""
+    """Linear warm-up factor of docs/method.md section 5: ``(1 + step + epoch * iters) / (warmup * iters)``."""
     if epoch >= warmup_epochs:
         return 1.0
     return (1 + step + epoch * iters_per_epoch) / (warmup_epochs * iters_per_epoch)
@@ -76,7 +76,7 @@ def paper_lr(
     epochs: int,
     warmup_epochs: int = 5,
 ) -> float:
-    """The paper's schedule (SPEC §6): cosine over integer epochs, shifted by the warm-up.
+    """The paper's schedule (docs/method.md section 5): cosine over integer epochs, shifted by the warm-up.
 
     ``lr = 0.5 * base * (1 + cos(pi * (epoch - w) / (epochs - w)))``, times the linear warm-up
     factor while ``epoch < w``. Check: base 0.01, 400 epochs, 196 iters: epoch 0 step 0 ->
@@ -133,7 +133,7 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {
 
 @dataclass
 class TrainConfig:
-    """Fine-tuning hyper-parameters; defaults are the paper's CIFAR-10 recipe (SPEC §6)."""
+    """Fine-tuning hyper-parameters; defaults are the paper's CIFAR-10 recipe (docs/method.md section 5)."""
 
     epochs: int = 400
     batch_size: int = 256

@@ -34,6 +34,26 @@ def atomic_write(path, mode: str = "wb"):
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path next to ``path`` for writers that want a file name; renamed over
+    ``path`` on success, removed on failure (``path`` is never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, as atomic_write does
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,6 +1,6 @@
 """CIFAR ResNets with option-A (parameter-free, zero-padding) shortcuts.
 
-Layout and parameter names follow the CHIP / HRank reference code (SPEC section 4), so the
+Layout and parameter names follow the CHIP / HRank reference code (docs/method.md section 8), so the
 paper's checkpoints load unchanged: ``conv1``, ``bn1``, ``layer{1,2,3}.{b}.conv{1,2}``,
 ``layer*.{b}.bn{1,2}`` and a final ``fc`` (ResNet-20/32/44/56) or ``linear`` (ResNet-110).
 

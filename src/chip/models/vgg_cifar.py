@@ -1,4 +1,4 @@
-"""VGG-16-BN for CIFAR with the reference's module names (SPEC section 4).
+"""VGG-16-BN for CIFAR with the reference's module names (docs/method.md section 8).
 
 ``features`` holds ``conv{i}`` / ``norm{i}`` / ``relu{i}`` for every conv entry ``i`` of the
 configuration list and ``pool{i}`` for every ``'M'`` entry; then ``avgpool`` (AvgPool2d(2)),
