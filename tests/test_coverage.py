@@ -54,6 +54,7 @@ def test_case_prunes_correctly(case_id, tmp_path, reloader):
         return
     assert row["outcome"] == "pruned", row["outcome"]
     assert row["error"] <= 1e-9
+    assert row["mask_effect"] > 1e-6  # pruning changed the output: the comparison can fail
     assert row["counts_match"]
     assert 0.48 <= row["macs_kept"] <= 0.5
     assert row["pruned_groups"] > 0
