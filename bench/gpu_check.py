@@ -34,8 +34,8 @@ from chip.ci import channel_independence
 from chip.counting import count
 from chip.groups import find_groups
 from chip.latency import measure_latency
+from chip.planning import plan
 from chip.prune import apply
-from chip.spec import plan
 from chip.train import TrainConfig, build_criterion, build_lr_fn, build_optimizer, train_one_epoch
 
 

@@ -34,8 +34,8 @@ import chip.models as M
 from chip.counting import count
 from chip.groups import find_groups
 from chip.latency import measure_latency
+from chip.planning import plan
 from chip.prune import apply
-from chip.spec import plan
 
 TARGET_FACTOR = 1.3  # latency ratio must be <= TARGET_FACTOR * MACs ratio at the large batch
 

@@ -6,7 +6,7 @@ and evaluated on the 10,000 test images. Then, for two targets
 
 * ``sparsity``: the widths of the paper's ResNet-56 string ``[0.]+[0.15]*2+[0.4]*27`` (stem 0,
   stage-1/2 streams 0.15, every block's inner conv 0.4), written for the chosen depth through
-  :data:`chip.spec.SPARSITY_LAYOUTS` (for resnet20: ``[0.]+[0.15]*2+[0.4]*9``);
+  :data:`chip.planning.SPARSITY_LAYOUTS` (for resnet20: ``[0.]+[0.15]*2+[0.4]*9``);
 * ``flops``: a budget of 50 % of the baseline MACs (``flops=0.5``),
 
 and each criterion (chip, hrank, l1, random) and seed, a cell scores the baseline's channels
@@ -49,8 +49,8 @@ from chip.counting import CONVENTION, count
 from chip.data import build_loader, calibration_loader
 from chip.models import create
 from chip.pipeline import build_data
+from chip.planning import SPARSITY_LAYOUTS, plan
 from chip.prune import apply
-from chip.spec import SPARSITY_LAYOUTS, plan
 from chip.train import TrainConfig, evaluate, fit, load_checkpoint
 from chip.utils import atomic_write, seed_everything
 

@@ -22,8 +22,8 @@ from chip.ci import channel_independence
 from chip.counting import count
 from chip.errors import ChipError, ChipWarning
 from chip.groups import find_groups, register_pruner
+from chip.planning import PruningPlan, plan
 from chip.prune import apply, masked_forward_hooks
-from chip.spec import PruningPlan, plan
 
 RTOL = 1e-9
 
@@ -263,6 +263,19 @@ def test_every_branch_of_a_concatenation_is_scored_on_its_slice():
             assert torch.allclose(scores[name], direct, rtol=1e-10, atol=0), name
     p, _, err = _prune_and_compare(model, 0.5, (3, 6, 6))
     assert err <= RTOL and p.groups["a"].kept == 3 and p.groups["b"].kept == 2
+
+
+def test_densenet_scores_every_group_consumer_pair():
+    """Each dense layer's conv reads the concatenation of every earlier group: one hook point per
+    (group, consumer) pair, each on its own slice (before: 120 of 655 pairs)."""
+    model = torchvision.models.densenet121(num_classes=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = find_groups(model, x[:1], check=False)
+    scores = chip.calibrate(model, [x], num_batches=1, progress=False, graph=graph)
+    pairs = sum(len(g.consumers) for g in graph)
+    assert pairs > 600 and len(scores.points) == pairs
+    assert all(scores.points[p].numel() == graph[scores.point_group[p]].channels
+               for p in scores.points)
 
 
 class SharedHead(nn.Module):

@@ -28,8 +28,8 @@ from chip.artifact import export_onnx, export_torchscript, load, load_info, load
 from chip.errors import ChipError
 from chip.groups import find_groups
 from chip.models import PadShortcut
+from chip.planning import plan
 from chip.prune import apply, masked_forward_hooks
-from chip.spec import plan
 
 # case -> (arch, create kwargs, target or None for unpruned)
 CASES = {

@@ -17,8 +17,8 @@ from chip import cli
 from chip.calibration import ChannelScores, calibrate
 from chip.data import build_datasets, calibration_loader
 from chip.models import create
+from chip.planning import plan
 from chip.prune import apply
-from chip.spec import plan
 
 RESNET56_ROWS = ["[0.]+[0.15]*2+[0.4]*27", "[0.]+[0.4]*2+[0.5]*9+[0.6]*9+[0.7]*9"]
 SYNTH = ["--data", "synthetic", "--data-opt", "train_size=48", "--data-opt", "val_size=30",
@@ -36,7 +36,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def _rates(text: str) -> list[float]:
-    """Sparsity string -> rates, by plain string handling (not chip.spec)."""
+    """Sparsity string -> rates, by plain string handling (not chip.planning)."""
     rates = []
     for term in text.split("+"):
         rate, _, times = term.partition("*")

@@ -20,8 +20,8 @@ from chip.counting import count
 from chip.errors import ChipError
 from chip.groups import PadShortcutPruner, find_groups
 from chip.models.resnet_cifar import PadShortcut
+from chip.planning import plan
 from chip.prune import apply, masked_forward_hooks
-from chip.spec import plan
 
 RTOL = 1e-9  # relative to max |output|; float64 surgery is exact up to ~1e-14
 

@@ -12,7 +12,7 @@ import chip
 from chip import cli
 from chip.calibration import calibrate
 from chip.errors import ChipError
-from chip.spec import _choose
+from chip.planning import _choose
 from chip.stability import average_ranks, spearman, stability
 
 

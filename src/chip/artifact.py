@@ -270,12 +270,12 @@ def load_info(path) -> dict[str, Any]:
 
 
 def load_plan(path):
-    """The :class:`~chip.spec.PruningPlan` stored in an artifact, or ``None`` if unpruned."""
+    """The :class:`~chip.planning.PruningPlan` stored in an artifact, or ``None`` if unpruned."""
     return _plan(_read_header(path)[0])
 
 
 def _plan(header: Mapping[str, Any]):
-    from .spec import PruningPlan
+    from .planning import PruningPlan
 
     return None if header.get("plan") is None else PruningPlan.from_dict(header["plan"])
 

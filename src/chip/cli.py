@@ -393,7 +393,7 @@ def _width_table(plan) -> list[str]:
 
 
 def _make_plan(args: argparse.Namespace, model: nn.Module, scores):
-    from chip.spec import plan
+    from chip.planning import plan
 
     return plan(model, scores, _plan_target(args), round_to=args.round_to,
                 input_size=_input_size(args))
@@ -452,8 +452,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from chip.calibration import ChannelScores
     from chip.counting import count
     from chip.models import create
+    from chip.planning import PruningPlan
     from chip.prune import apply
-    from chip.spec import PruningPlan
     from chip.utils import seed_everything
 
     seed_everything(args.seed)

@@ -107,7 +107,7 @@ def _example_inputs(model: nn.Module, loader, example_inputs) -> torch.Tensor:
     elif loader is not None:
         x = _example_from(loader)
     elif getattr(model, "chip_arch", None) is not None:
-        from .spec import _default_input_size
+        from .planning import _default_input_size
 
         x = torch.zeros(_default_input_size(model, model.chip_arch))
     else:

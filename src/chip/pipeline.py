@@ -284,7 +284,7 @@ def merge_overrides(cfg: Mapping, overrides: Mapping[str, Any]) -> dict:
 
 # ------------------------------------------------------------------------------------ targets
 
-# target kind -> plan target (see chip.spec.parse_target)
+# target kind -> plan target (see chip.planning.parse_target)
 TARGET_KINDS: dict[str, Callable[[Any], Any]] = {
     "sparsity": str,
     "rate": float,
@@ -296,7 +296,7 @@ TARGET_KINDS: dict[str, Callable[[Any], Any]] = {
 
 def resolve_target(section: Mapping) -> Any:
     """The :func:`chip.plan` target of a ``target:`` section (exactly one kind)."""
-    from chip.spec import parse_target
+    from chip.planning import parse_target
 
     kinds = [k for k in TARGET_KINDS if section.get(k) is not None]
     if len(kinds) != 1:
@@ -305,7 +305,7 @@ def resolve_target(section: Mapping) -> Any:
     target = TARGET_KINDS[kinds[0]](section[kinds[0]])
     kind, value = parse_target(target)
     if kind == "sparsity":
-        from chip.spec import parse_sparsity
+        from chip.planning import parse_sparsity
 
         parse_sparsity(value)
     return target
@@ -515,7 +515,7 @@ def stage_score(ctx: RunContext) -> dict:
 
 def stage_plan(ctx: RunContext) -> dict:
     from chip.calibration import ChannelScores
-    from chip.spec import plan
+    from chip.planning import plan
 
     scores = ChannelScores.load(ctx.out_dir / "scores.safetensors")
     t = ctx.cfg["target"]
@@ -528,8 +528,8 @@ def stage_plan(ctx: RunContext) -> dict:
 
 def stage_prune(ctx: RunContext) -> dict:
     from chip.counting import count
+    from chip.planning import PruningPlan
     from chip.prune import apply
-    from chip.spec import PruningPlan
 
     p = PruningPlan.load(ctx.out_dir / "plan.json")
     pruned = apply(ctx.baseline_model(), p)

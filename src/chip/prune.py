@@ -1,4 +1,4 @@
-"""Surgery: physically remove the channels a :class:`~chip.spec.PruningPlan` drops, verified.
+"""Surgery: physically remove the channels a :class:`~chip.planning.PruningPlan` drops, verified.
 
 Every group is pruned through Torch-Pruning's DependencyGraph (``chip.groups``), so coupled
 channels (a residual stream, a depthwise conv and its neighbours, a flatten into a linear layer,
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .errors import ChipError
 from .groups import ChannelGroup, GroupGraph, _first_line, find_groups, retrace
-from .spec import PruningPlan, WidthCounter
+from .planning import PruningPlan, WidthCounter
 from .utils import eval_mode, flat_outputs
 
 __all__ = ["apply", "check_groups", "masked_forward_hooks", "probe_copy"]

@@ -50,7 +50,7 @@ class RunData:
     run_dir: Path
     summary: dict
     config: dict = field(default_factory=dict)
-    plan: Any = None  # chip.spec.PruningPlan
+    plan: Any = None  # chip.planning.PruningPlan
     scores: Any = None  # chip.calibration.ChannelScores
     curves: dict[str, list[dict]] = field(default_factory=dict)  # stage -> metrics rows
 
@@ -76,7 +76,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def load_run(run_dir) -> RunData:
     """Read a run directory; :class:`ChipError` if it is not one (no ``summary.json``)."""
     from chip.calibration import ChannelScores
-    from chip.spec import PruningPlan
+    from chip.planning import PruningPlan
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -33,7 +33,7 @@ from .calibration import _split_batch
 from .criteria import CRITERION_NAMES, score
 from .errors import ChipError
 from .groups import find_groups
-from .spec import _kept
+from .planning import _kept
 from .utils import atomic_write
 
 __all__ = ["GroupStability", "StabilityReport", "average_ranks", "spearman", "stability"]

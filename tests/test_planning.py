@@ -1,4 +1,4 @@
-"""Targets -> plans (chip.spec): sparsity strings, widths, counts, budgets, plan files.
+"""Targets -> plans (chip.planning): sparsity strings, widths, counts, budgets, plan files.
 
 Numbers come from docs/method.md sections 3 and 4 (widths, baselines, paper rows); counts are checked against real
 surgery + :func:`chip.count`, and kept sets against a plain sort oracle.
@@ -22,8 +22,8 @@ import chip.models as M
 from chip.counting import count
 from chip.errors import ChipError
 from chip.groups import find_groups
+from chip.planning import PruningPlan, parse_sparsity, parse_target, plan
 from chip.prune import apply
-from chip.spec import PruningPlan, parse_sparsity, parse_target, plan
 
 _GRAPHS: dict[str, tuple[nn.Module, object, tuple[int, ...]]] = {}
 
