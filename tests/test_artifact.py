@@ -397,9 +397,9 @@ def test_builder_roundtrip(builder_module, tmp_path):
     path = save(pruned, tmp_path / "m.safetensors", builder=f"{builder_module}:build",
                 builder_kwargs={"width": 8, "num_classes": 4})
     assert load_info(path)["builder"] == f"{builder_module}:build"
-    with pytest.raises(ChipError, match="trust_builder=True"):
+    with pytest.raises(ChipError, match="trust_code=True"):
         load(path)
-    loaded = load(path, trust_builder=True)
+    loaded = load(path, trust_code=True)
     assert loaded[0].out_channels == 4
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -420,7 +420,7 @@ def test_state_dict_metadata_roundtrip_mnasnet(pruned, tmp_path):
         header = json.loads(f.metadata()["chip.artifact"])
     assert header["state_dict_metadata"] == {k: dict(v) for k, v in model.state_dict()._metadata.items()}
     assert header["state_dict_metadata"][""] == {"version": 2}
-    loaded = load(path, trust_builder=True)
+    loaded = load(path, trust_code=True)
     assert not loaded.training
     x = torch.randn(2, 3, 64, 64, generator=gen)
     with torch.no_grad():
@@ -515,3 +515,53 @@ def test_export_onnx_without_onnx(zoo, tmp_path, monkeypatch):
     with pytest.raises(ChipError, match="pip install onnx"):
         export_onnx(zoo[PRUNED_RESNET][1], tmp_path / "m.onnx", zoo[PRUNED_RESNET][-1])
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------- trust_code, the shared state check
+
+
+def test_trust_builder_is_a_deprecated_alias_of_trust_code(builder_module, tmp_path):
+    import importlib
+
+    model = importlib.import_module(builder_module).build(width=8, num_classes=4).eval()
+    path = save(model, tmp_path / "m.safetensors", builder=f"{builder_module}:build",
+                builder_kwargs={"width": 8, "num_classes": 4})
+    for flags in ({}, {"trust_code": False}, {"trust_builder": False}):
+        with pytest.raises(ChipError, match=r"trust_code=True \(CLI: --trust-code\)") as err:
+            load(path, **flags)
+        assert "trust_builder=" not in str(err.value)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for flags in ({"trust_code": True}, {"trust_builder": True}):
+            assert torch.equal(load(path, **flags)(x), model(x))
+
+
+def test_state_mismatch_reports_each_kind(saved, tmp_path):
+    """The artifact check is chip.checkpoint.check_state_dict: every kind, with key names."""
+    src = saved / "resnet20_unpruned.safetensors"
+    tensors = load_file(str(src))
+    tensors.pop("layer2.1.conv1.weight")
+    tensors["extra.weight"] = torch.zeros(3)
+    tensors["fc.weight"] = torch.zeros(7, 64)
+    path = _rewrite(src, tmp_path / "t.safetensors", tensors=tensors)
+    with pytest.raises(ChipError) as err:
+        load(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: stored weights do not match the rebuilt model resnet20 "
+                          "(1 missing, 1 unexpected, 1 of another shape): ")
+    assert "missing 1: 'layer2.1.conv1.weight'" in msg and "unexpected 1: 'extra.weight'" in msg
+    assert "shape mismatch 1: 'fc.weight' (7, 64) vs model (5, 64)" in msg
+    assert msg.endswith("the plan or architecture in the header does not belong to these weights")
+    assert "\n" not in msg
+
+
+def test_artifact_imports_no_private_names():
+    import ast
+
+    import chip.artifact
+
+    tree = ast.parse(open(chip.artifact.__file__).read())
+    private = [f"{node.module}.{alias.name}" for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom)
+               for alias in node.names if alias.name.startswith("_") and alias.name != "__version__"]
+    assert not private

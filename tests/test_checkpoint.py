@@ -1,4 +1,4 @@
-"""Checkpoint loading: layouts, prefixes, safe unpickling and one-line mismatch errors."""
+"""Weight loading: layouts, prefixes, safe unpickling and one-line mismatch errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import chip.checkpoint as ckpt
 import chip.models as M
-from chip.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_file
+from chip.checkpoint import (
+    check_state_dict,
+    extract_state_dict,
+    load_checkpoint,
+    load_state_dict_file,
+    load_torch_file,
+    load_weights,
+)
 from chip.errors import ChipError
 
 
@@ -51,7 +59,7 @@ def _fresh_output(trained, source, **kwargs):
     _, x, _ = trained
     torch.manual_seed(123)  # different init than ``trained``
     model = M.create("resnet20")
-    load_checkpoint(model, source, **kwargs)
+    load_weights(model, source, **kwargs)
     with torch.no_grad():
         return model.eval()(x)
 
@@ -114,14 +122,14 @@ def test_missing_and_unexpected_keys(trained):
     sd = dict(model.state_dict())
     del sd["layer2.1.conv1.weight"]
     sd["extra.weight"] = torch.zeros(3)
-    msg = _error(load_checkpoint, M.create("resnet20"), sd)
+    msg = _error(load_weights, M.create("resnet20"), sd)
     assert "layer2.1.conv1.weight" in msg and "extra.weight" in msg
     assert "missing" in msg and "unexpected" in msg
 
 
 def test_shape_mismatch_lists_both_shapes(trained):
     model, _, _ = trained
-    msg = _error(load_checkpoint, M.create("resnet20", num_classes=100), model.state_dict())
+    msg = _error(load_weights, M.create("resnet20", num_classes=100), model.state_dict())
     assert "fc.weight" in msg and "(10, 64)" in msg and "(100, 64)" in msg
 
 
@@ -129,13 +137,13 @@ def test_shape_mismatch_fails_even_when_not_strict(trained):
     model, _, _ = trained
     target = M.create("resnet20", num_classes=100)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    _error(load_checkpoint, target, model.state_dict(), strict=False)
+    _error(load_weights, target, model.state_dict(), strict=False)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
 
 
 def test_wrong_architecture_lists_first_keys_only(trained):
     model, _, _ = trained
-    msg = _error(load_checkpoint, M.create("resnet32"), model.state_dict())
+    msg = _error(load_weights, M.create("resnet32"), model.state_dict())
     assert "missing 72" in msg and "more" in msg and "resnet32" in msg
     assert len(msg) < 400
 
@@ -145,35 +153,35 @@ def test_non_strict_reports_missing(trained):
     sd = dict(model.state_dict())
     dropped = sd.pop("fc.bias")
     target = M.create("resnet20")
-    result = load_checkpoint(target, sd, strict=False)
+    result = load_weights(target, sd, strict=False)
     assert list(result.missing_keys) == ["fc.bias"] and not result.unexpected_keys
     with torch.no_grad():
         target.fc.bias.copy_(dropped)
         assert torch.equal(target.eval()(x), y)
 
 
-def test_non_tensor_pickle_refused_without_unsafe(tmp_path, trained):
+def test_non_tensor_pickle_refused_without_trust_code(tmp_path, trained):
     model, _, y = trained
     path = tmp_path / "pickled.pt"
     torch.save({"state_dict": model.state_dict(), "args": NotATensor()}, path)
     msg = _error(load_state_dict_file, path)
-    assert "unsafe_pickle=True" in msg and "--unsafe-pickle" in msg and str(path) in msg
+    assert "trust_code=True" in msg and "--trust-code" in msg and str(path) in msg
     _error(M.create, "resnet20", checkpoint=path)
-    assert torch.equal(_fresh_output(trained, path, unsafe_pickle=True), y)
+    assert torch.equal(_fresh_output(trained, path, trust_code=True), y)
 
 
-def test_whole_module_pickle_needs_unsafe(tmp_path, trained):
+def test_whole_module_pickle_needs_trust_code(tmp_path, trained):
     model, _, y = trained
     path = tmp_path / "module.pt"
     torch.save({"model": model}, path)
     _error(load_state_dict_file, path)
-    assert torch.equal(_fresh_output(trained, path, unsafe_pickle=True), y)
+    assert torch.equal(_fresh_output(trained, path, trust_code=True), y)
 
 
 def test_missing_file_names_path(tmp_path):
     path = tmp_path / "nope" / "resnet_56.pt"
     assert str(path) in _error(load_state_dict_file, path)
-    assert str(tmp_path) in _error(load_checkpoint, M.create("resnet20"), tmp_path)
+    assert str(tmp_path) in _error(load_weights, M.create("resnet20"), tmp_path)
 
 
 def test_garbage_file(tmp_path):
@@ -193,3 +201,62 @@ def test_not_a_state_dict(tmp_path, obj):
     torch.save(obj, path)
     _error(load_state_dict_file, path)
     _error(extract_state_dict, obj)
+
+
+# ----------------------------------------------------------- trust_code, deprecated aliases
+
+
+def test_trust_code_false_refuses_full_pickle_naming_trust_code(tmp_path, trained):
+    model, _, y = trained
+    path = tmp_path / "pickled.pt"
+    torch.save({"state_dict": model.state_dict(), "args": NotATensor()}, path)
+    for fn, args in ((load_torch_file, (path,)), (load_weights, (M.create("resnet20"), path))):
+        msg = _error(fn, *args, trust_code=False)
+        assert "trust_code=True" in msg and "--trust-code" in msg and "NotATensor" in msg
+        assert str(path) in msg and "unsafe_pickle" not in msg
+    assert torch.equal(_fresh_output(trained, path, trust_code=True), y)
+
+
+def test_load_checkpoint_alias_maps_to_load_weights(tmp_path, trained, monkeypatch):
+    model, _, y = trained
+    path = tmp_path / "pickled.pt"
+    torch.save({"state_dict": model.state_dict(), "args": NotATensor()}, path)
+    target = M.create("resnet20")
+    assert "trust_code=True" in _error(load_checkpoint, target, path)
+    load_checkpoint(target, path, True, True)  # old positional strict, unsafe_pickle
+    load_checkpoint(target, path, strict=True, unsafe_pickle=True)
+    with torch.no_grad():
+        assert torch.equal(target.eval()(trained[1]), y)
+    calls = []
+    monkeypatch.setattr(ckpt, "load_weights", lambda *a, **k: calls.append((a, k)))
+    load_checkpoint(target, path, False, unsafe_pickle=True)
+    assert calls == [((target, path), {"strict": False, "trust_code": True})]
+
+
+# ----------------------------------------------------------------- the one state-dict check
+
+
+def _broken(sd):
+    """``sd`` with one key missing, one unexpected and one of another shape."""
+    sd = dict(sd)
+    del sd["layer2.1.conv1.weight"]
+    sd["extra.weight"] = torch.zeros(3)
+    sd["fc.weight"] = torch.zeros(7, 64)
+    return sd
+
+
+def test_check_state_dict_reports_each_kind(tmp_path, trained):
+    model, _, _ = trained
+    sd = _broken(model.state_dict())
+    msg = _error(check_state_dict, M.create("resnet20"), sd)
+    assert msg.startswith("checkpoint does not fit resnet20 (1 missing, 1 unexpected, 1 of another")
+    assert "missing 1: 'layer2.1.conv1.weight'" in msg and "unexpected 1: 'extra.weight'" in msg
+    assert "shape mismatch 1: 'fc.weight' (7, 64) vs model (10, 64)" in msg
+    msg = _error(check_state_dict, M.create("resnet20"), sd, strict=False, hint="a hint")
+    assert "(1 of another shape)" in msg and "missing" not in msg and msg.endswith("; a hint")
+    check_state_dict(M.create("resnet20"), model.state_dict())  # fits: no error
+    path = tmp_path / "broken.pt"
+    torch.save({"state_dict": sd}, path)
+    msg = _error(load_weights, M.create("resnet20"), path)  # a plain checkpoint file
+    assert msg.startswith(f"checkpoint {path} does not fit resnet20 (1 missing, 1 unexpected, 1 ")
+    assert all(k in msg for k in ("'layer2.1.conv1.weight'", "'extra.weight'", "'fc.weight'"))

@@ -28,7 +28,7 @@ from chip.train import (
     evaluate,
     fit,
     get_rng_state,
-    load_checkpoint,
+    load_training_state,
     paper_lr,
     resolve_amp,
     seed_epoch,
@@ -285,8 +285,8 @@ def test_checkpoint_saver_best_and_contents(tmp_path):
         for e, m in enumerate([10.0, 30.0, 20.0, 30.0, 40.0])
     ]
     assert flags == [True, True, False, False, True]
-    last = load_checkpoint(tmp_path / "last.pt")  # weights_only load
-    best = load_checkpoint(tmp_path / "best.pt")
+    last = load_training_state(tmp_path / "last.pt")  # weights_only load
+    best = load_training_state(tmp_path / "best.pt")
     assert last["epoch"] == 4 and last["best_epoch"] == 4 and last["best_metric"] == 40.0
     assert best["epoch"] == 4 and best["metric"] == 40.0
     assert set(last) >= {"model", "optimizer", "scaler", "cfg", "rng", "extra", "history"}
@@ -318,7 +318,7 @@ def test_failed_save_leaves_previous_last_intact(tmp_path, monkeypatch, failure)
         _save_one(saver, model, 1, 10.0, extra=extra)
     monkeypatch.undo()
     assert (tmp_path / "last.pt").read_bytes() == before
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+    assert load_training_state(tmp_path / "last.pt")["epoch"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
@@ -337,9 +337,37 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
-def test_load_checkpoint_missing_file_is_chip_error(tmp_path):
+def test_load_training_state_missing_file_is_chip_error(tmp_path):
     with pytest.raises(ChipError, match="not found"):
-        load_checkpoint(tmp_path / "nope.pt")
+        load_training_state(tmp_path / "nope.pt")
+
+
+class Opaque:
+    """A picklable object that a weights-only load refuses (stored in ``extra``)."""
+
+    def __init__(self, value=3):
+        self.value = value
+
+
+def test_load_training_state_needs_trust_code_for_pickled_extra(tmp_path):
+    model = tiny.tiny_cnn()
+    _save_one(CheckpointSaver(tmp_path), model, 0, 1.0, extra={"opaque": Opaque(5)})
+    with pytest.raises(ChipError, match=r"trust_code=True \(CLI: --trust-code\)") as err:
+        load_training_state(tmp_path / "last.pt")
+    assert "Opaque" in str(err.value) and "trusted=" not in str(err.value)
+    fresh = tiny.tiny_cnn()
+    ckpt = load_training_state(tmp_path / "last.pt", fresh, trust_code=True)
+    assert ckpt["extra"]["opaque"].value == 5
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_load_checkpoint_alias_is_load_training_state(tmp_path):
+    import chip.train as train
+
+    assert train.load_checkpoint is train.load_training_state
+    _save_one(CheckpointSaver(tmp_path), tiny.tiny_cnn(), 2, 1.0)
+    assert train.load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 
 # ------------------------------------------------------------------------ determinism / fit
@@ -399,7 +427,7 @@ def test_fit_writes_metrics_checkpoints_and_resumes(tmp_path):
     assert keys <= set(rows[0])
     assert result["best_top1"] == max(r["val_top1"] for r in rows)
     assert rows[result["best_epoch"]]["val_top1"] == result["best_top1"]
-    assert load_checkpoint(tmp_path / "last.pt")["extra"] == {"arch": "tiny"}
+    assert load_training_state(tmp_path / "last.pt")["extra"] == {"arch": "tiny"}
 
     cfg3 = TrainConfig(epochs=3, lr=0.05, warmup_epochs=1)
     resumed = fit(
@@ -432,7 +460,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     crashed = _run_script("--out", tmp_path / "crash", "--kill-at", kill_at)
     crashed.communicate(timeout=60)
     assert crashed.returncode == -signal.SIGKILL
-    assert load_checkpoint(tmp_path / "crash" / "last.pt")["epoch"] == 1
+    assert load_training_state(tmp_path / "crash" / "last.pt")["epoch"] == 1
     resumed = _run_script("--out", tmp_path / "crash", "--resume", "--final", tmp_path / "res.pt")
     for proc in (full, resumed):
         _, err = proc.communicate(timeout=60)

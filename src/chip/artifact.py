@@ -13,7 +13,7 @@ entry (key ``"chip.artifact"``), a JSON header naming how to rebuild the module:
 :func:`load` rebuilds ``chip.models.create(arch, **kwargs)``, re-applies the plan with
 :func:`chip.prune.apply` and loads the weights with ``strict=True``. Nothing is unpickled, so a
 file from a stranger cannot run code - unless it names a ``builder`` (see below) and the caller
-passes ``trust_builder=True``.
+passes ``trust_code=True``.
 
 Non-persistent buffers (the ``src`` / ``dst`` index buffers of the option-A
 :class:`~chip.models.PadShortcut`) are not part of the ``state_dict``: re-applying the plan
@@ -30,7 +30,7 @@ load as before, with no metadata.
 Models outside the zoo (no ``chip_arch``) cannot be rebuilt from data alone. Either export them
 (:func:`export_torchscript`, :func:`export_onnx`) or name a builder, ``"package.module:function"``,
 that :func:`load` imports and calls with ``builder_kwargs``; since that runs code named in the
-file, :func:`load` requires ``trust_builder=True`` for such files.
+file, :func:`load` requires ``trust_code=True`` for such files.
 
 :func:`load_info` reads only the header (cheap, no tensors).
 """
@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .checkpoint import check_state_dict
 from .errors import ChipError
 from .utils import atomic_path, atomic_write
 
@@ -88,7 +89,7 @@ def save(model: nn.Module, path, *, extra: Mapping[str, Any] | None = None,
         path: destination file (conventionally ``*.safetensors``).
         extra: JSON-serialisable dict stored verbatim (metrics, dataset, notes).
         builder: ``"package.module:function"`` returning the unpruned model, for models outside
-            the zoo; :func:`load` then needs ``trust_builder=True``.
+            the zoo; :func:`load` then needs ``trust_code=True``.
         builder_kwargs: keyword arguments for ``builder`` (default: ``model.chip_kwargs`` or none).
 
     Returns the path written.
@@ -283,14 +284,16 @@ def _plan(header: Mapping[str, Any]):
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def load(path, *, map_location="cpu", trust_builder: bool = False) -> nn.Module:
+def load(path, *, map_location="cpu", trust_code: bool = False,
+         trust_builder: bool | None = None) -> nn.Module:
     """Rebuild the model saved by :func:`save` (architecture, plan, weights); no unpickling.
 
     Args:
         path: an artifact file.
         map_location: device for the returned model.
-        trust_builder: allow importing and calling the ``"package.module:function"`` builder an
+        trust_code: allow importing and calling the ``"package.module:function"`` builder an
             artifact names (only needed for models outside the zoo; that runs code).
+        trust_builder: deprecated alias of ``trust_code`` (either one set to True trusts).
 
     Returns the model in eval mode (call ``.train()`` to fine-tune), with ``chip_arch``,
     ``chip_kwargs`` and, if pruned, ``chip_plan``, so it can be saved again. Parameter dtypes
@@ -304,7 +307,7 @@ def load(path, *, map_location="cpu", trust_builder: bool = False) -> nn.Module:
     metadata = _state_metadata(header.get("state_dict_metadata"),
                                f"{path}: the stored state_dict_metadata")
     plan = _plan(header)
-    model = _build(path, header, trust_builder)
+    model = _build(path, header, trust_code or bool(trust_builder))
     if plan is not None:
         from .prune import apply
 
@@ -318,7 +321,9 @@ def load(path, *, map_location="cpu", trust_builder: bool = False) -> nn.Module:
         raise ChipError(f"{path} is corrupt ({exc}); {_NOT_ARTIFACT}") from None
     checks = {k[len(_CHECK_PREFIX):]: tensors.pop(k) for k in list(tensors)
               if k.startswith(_CHECK_PREFIX)}
-    _check_state(path, model, tensors)
+    check_state_dict(model, tensors, strict=True,
+                     subject=f"{path}: stored weights do not match the rebuilt model",
+                     hint="the plan or architecture in the header does not belong to these weights")
     state = OrderedDict(tensors)  # a plain dict cannot carry _metadata
     if metadata is not None:
         state._metadata = metadata
@@ -341,14 +346,15 @@ def _device(map_location) -> torch.device:
     return device
 
 
-def _build(path, header: Mapping[str, Any], trust_builder: bool) -> nn.Module:
+def _build(path, header: Mapping[str, Any], trust_code: bool) -> nn.Module:
     """The unpruned model: the named builder (if trusted) or the zoo architecture."""
     kwargs = header.get("kwargs") or {}
     builder = header.get("builder")
     if builder is not None:
-        if not trust_builder:
+        if not trust_code:
             raise ChipError(f"{path} is rebuilt by code it names (builder {builder!r}); pass "
-                            "trust_builder=True to import and run it, if you trust the file")
+                            "trust_code=True (CLI: --trust-code) to import and run it, if you "
+                            "trust the file")
         fn, what = _resolve_builder(builder), f"builder {builder!r}"
     else:
         from .models import create
@@ -377,20 +383,6 @@ def _resolve_builder(text: str) -> Callable[..., nn.Module]:
     if not callable(fn):
         raise ChipError(f"builder {text!r} is not callable; expected a function returning a model")
     return fn
-
-
-def _check_state(path, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """One-line ChipError if the stored tensors do not fit the rebuilt model exactly."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    resized = [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    if missing or unexpected or resized:
-        example = (missing or unexpected or resized)[0]
-        raise ChipError(
-            f"{path}: stored weights do not match the rebuilt model ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(resized)} of another shape, e.g. {example!r}); "
-            "the plan or architecture in the header does not belong to these weights")
 
 
 def _check_buffers(path, model: nn.Module, saved: Mapping[str, torch.Tensor],

@@ -1,9 +1,16 @@
-"""Loading state_dicts from the checkpoint layouts found in the wild.
+"""Weight loading: state_dicts in the checkpoint layouts found in the wild, read into a model.
 
 Accepted layouts: a raw state_dict, or a dict holding it under ``'state_dict'``, ``'model'`` or
 ``'net'``; keys may carry a ``'module.'`` (DataParallel / DDP) or ``'_orig_mod.'``
 (``torch.compile``) prefix. Files are read with ``torch.load(..., weights_only=True)`` unless the
-caller opts in to full unpickling; ``.safetensors`` files are read with safetensors.
+caller passes ``trust_code=True`` (full unpickling runs code from the file); ``.safetensors`` files
+are read with safetensors.
+
+* :func:`load_weights` reads a file or an in-memory object into a model.
+* :func:`check_state_dict` is the one check that a state_dict fits a model (missing, unexpected
+  and shape-mismatched keys, one line); :func:`chip.artifact.load` uses it too.
+* :func:`load_torch_file` is the one guarded ``torch.load`` (weights only unless ``trust_code``);
+  training-state checkpoints (:func:`chip.train.load_training_state`) are read with it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ __all__ = [
     "extract_state_dict",
     "load_checkpoint",
     "load_state_dict_file",
+    "load_torch_file",
+    "load_weights",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -100,15 +109,29 @@ def _weights_only_reason(exc: BaseException) -> str:
     return f"unsupported global: {match[1]}" if match[1] else match[0].strip().lower()
 
 
-def _torch_load(path: Path, unsafe_pickle: bool) -> Any:
+def load_torch_file(path: str | Path, *, trust_code: bool = False) -> Any:
+    """``torch.load`` of ``path`` onto the CPU, weights only unless ``trust_code``.
+
+    Args:
+        path: an existing ``torch.save`` file.
+        trust_code: use ``weights_only=False`` (full unpickling executes code from the file;
+            only for trusted files).
+
+    Returns the unpickled object (tensors on the CPU).
+
+    Raises:
+        ChipError: the file needs full unpickling and ``trust_code`` is False (the message names
+            the refused global and ``trust_code=True`` / ``--trust-code``), or it is unreadable.
+    """
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+        return torch.load(path, map_location="cpu", weights_only=not trust_code)
     except pickle.UnpicklingError as exc:
-        if not unsafe_pickle and "weights only load failed" in str(exc).lower():
+        if not trust_code and "weights only load failed" in str(exc).lower():
             raise ChipError(
                 f"checkpoint {path} cannot be loaded safely ({_weights_only_reason(exc)}): it is "
-                "not a plain tensor file; if you trust it, pass unsafe_pickle=True "
-                "(CLI: --unsafe-pickle)"
+                "not a plain tensor file; pass trust_code=True (CLI: --trust-code) if you trust "
+                "the file"
             ) from None
         raise ChipError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
     except Exception as exc:  # corrupt files surface as many types (IndexError, EOFError, ...)
@@ -128,17 +151,16 @@ def _safetensors_load(path: Path) -> Any:
         ) from None
 
 
-def load_state_dict_file(path: str | Path, unsafe_pickle: bool = False) -> StateDict:
-    """Read a checkpoint file into a flat, prefix-free state_dict on the CPU.
+def load_state_dict_file(path: str | Path, *, trust_code: bool = False) -> StateDict:
+    """Read a checkpoint file into a flat, prefix-free ``{name: tensor}`` state_dict on the CPU.
 
     Args:
         path: a ``torch.save`` file (any layout of :func:`extract_state_dict`) or a
             ``.safetensors`` file.
-        unsafe_pickle: use ``weights_only=False`` (executes code from the file; only for
-            trusted files).
+        trust_code: see :func:`load_torch_file` (ignored for ``.safetensors``).
 
     Raises:
-        ChipError: missing/unreadable file, non-tensor pickle without ``unsafe_pickle``, or no
+        ChipError: missing/unreadable file, non-tensor pickle without ``trust_code``, or no
             state_dict inside.
     """
     path = Path(path)
@@ -148,7 +170,7 @@ def load_state_dict_file(path: str | Path, unsafe_pickle: bool = False) -> State
     if path.suffix == ".safetensors":
         obj = _safetensors_load(path)
     else:
-        obj = _torch_load(path, unsafe_pickle)
+        obj = load_torch_file(path, trust_code=trust_code)
     return extract_state_dict(obj, source=f"checkpoint {path}")
 
 
@@ -158,56 +180,96 @@ def _listing(label: str, items: list[str]) -> str:
 
 
 def check_state_dict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    *,
+    subject: str = "checkpoint does not fit",
+    hint: str = "",
 ) -> None:
-    """Raise one-line :class:`ChipError` if ``state`` does not fit ``model``.
+    """Raise a one-line :class:`ChipError` if ``state`` does not fit ``model``.
 
-    Shape mismatches always fail; missing and unexpected keys fail only when ``strict``.
+    Shape mismatches always fail; missing and unexpected keys fail only when ``strict``. The
+    message counts each failing kind, then names the first offending keys of each (shape
+    mismatches with both shapes), then ``hint``::
+
+        checkpoint x.pt does not fit resnet20 (1 missing, 0 unexpected, 1 of another shape):
+        missing 1: 'fc.bias'; shape mismatch 1: 'fc.weight' (10, 64) vs model (100, 64)
+
+    (one line; the first five keys of each kind are named, then ``(+N more)``).
+
+    Args:
+        model: the module the state is meant for (its ``chip_arch``, else its class name, is
+            named in the message).
+        state: ``{name: tensor}``.
+        strict: also fail on missing and unexpected keys.
+        subject: the start of the message, followed by the model's arch (e.g.
+            ``"checkpoint x.pt does not fit"``).
+        hint: appended after ``"; "`` (e.g. what a mismatch means for the caller).
+
+    Raises:
+        ChipError: the state does not fit.
     """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    missing = [repr(k) for k in expected if k not in state] if strict else []
+    unexpected = [repr(k) for k in state if k not in expected] if strict else []
     shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{k!r} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
-    parts = []
-    if strict and missing:
-        parts.append(_listing("missing", missing))
-    if strict and unexpected:
-        parts.append(_listing("unexpected", unexpected))
-    if shapes:
-        parts.append(_listing("shape mismatch", shapes))
-    if parts:
-        arch = getattr(model, "chip_arch", type(model).__name__)
-        raise ChipError(f"checkpoint does not fit {arch}: " + "; ".join(parts))
+    if not (missing or unexpected or shapes):
+        return
+    counts = [f"{len(shapes)} of another shape"]
+    if strict:
+        counts[:0] = [f"{len(missing)} missing", f"{len(unexpected)} unexpected"]
+    parts = [
+        _listing(label, items)
+        for label, items in (
+            ("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)
+        )
+        if items
+    ]
+    arch = getattr(model, "chip_arch", type(model).__name__)
+    raise ChipError(
+        f"{subject} {arch} ({', '.join(counts)}): "
+        + "; ".join(parts + ([hint] if hint else []))
+    )
 
 
-def load_checkpoint(
+def load_weights(
     model: nn.Module,
     path_or_state: PathOrState,
+    *,
     strict: bool = True,
-    unsafe_pickle: bool = False,
+    trust_code: bool = False,
 ):
-    """Load a checkpoint (file path or in-memory object, any accepted layout) into ``model``.
+    """Load weights (file path or in-memory object, any accepted layout) into ``model``.
 
     Args:
-        model: the target module.
+        model: the target module (loaded in place).
         path_or_state: path to a checkpoint file, or an already-loaded state_dict / container.
         strict: require exactly the model's keys (shape mismatches are always an error).
-        unsafe_pickle: see :func:`load_state_dict_file`.
+        trust_code: allow full unpickling of a file; see :func:`load_torch_file`.
 
     Returns:
         torch's ``(missing_keys, unexpected_keys)`` named tuple (both empty when ``strict``).
 
     Raises:
-        ChipError: unreadable input, or keys/shapes that do not fit (one line listing the first
-            offending keys).
+        ChipError: unreadable input, a pickle needing ``trust_code``, or keys/shapes that do not
+            fit (:func:`check_state_dict`: one line listing the first offending keys); the model
+            is left unchanged.
     """
     if isinstance(path_or_state, (str, Path)):
-        state = load_state_dict_file(path_or_state, unsafe_pickle=unsafe_pickle)
+        state = load_state_dict_file(path_or_state, trust_code=trust_code)
+        subject = f"checkpoint {path_or_state} does not fit"
     else:
         state = extract_state_dict(path_or_state)
-    check_state_dict(model, state, strict=strict)
+        subject = "checkpoint does not fit"
+    check_state_dict(model, state, strict=strict, subject=subject)
     return model.load_state_dict(state, strict=strict)
+
+
+# deprecated alias (old name and keyword unsafe_pickle); use load_weights(..., trust_code=...)
+def load_checkpoint(model, path_or_state, strict=True, unsafe_pickle=False):
+    return load_weights(model, path_or_state, strict=strict, trust_code=unsafe_pickle)

@@ -10,7 +10,9 @@ Pieces, usable separately::
 * :func:`train_one_epoch` / :func:`evaluate`: one pass; metrics are accumulated on the device and
   all-reduced over ranks once per pass (no per-iteration host syncs except every ``log_every`` steps
   for the progress bar). Accuracies are in percent.
-* :class:`CheckpointSaver`: atomic ``last.pt`` every epoch and ``best.pt`` on improvement.
+* :class:`CheckpointSaver`: atomic ``last.pt`` every epoch and ``best.pt`` on improvement;
+  :func:`load_training_state` reads one back (model, optimizer, scaler, RNG). Plain weights files
+  in other layouts are loaded with :func:`chip.checkpoint.load_weights`.
 * :func:`fit`: the loop, DDP when launched with torchrun, full resume, ``metrics.jsonl``.
 
 Determinism: at the start of every epoch :func:`seed_epoch` reseeds Python, NumPy and torch with
@@ -28,7 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import pickle
 import random
 import time
 import warnings
@@ -43,6 +44,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from chip.checkpoint import load_torch_file
 from chip.distributed import (
     all_reduce_sum,
     broadcast_buffers,
@@ -561,30 +563,35 @@ class CheckpointSaver:
         self.best_epoch = ckpt.get("best_epoch")
 
 
-def load_checkpoint(
+def load_training_state(
     path,
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
     *,
     restore_rng: bool = False,
-    trusted: bool = False,
+    trust_code: bool = False,
 ) -> dict:
     """Load a :class:`CheckpointSaver` file and restore what is given into it; returns the dict.
 
-    Loads with ``weights_only=True`` unless ``trusted`` (needed when ``extra`` holds arbitrary
-    Python objects).
+    Args:
+        path: a ``last.pt`` / ``best.pt`` written by :class:`CheckpointSaver`.
+        model: receives ``ckpt["model"]`` (strict ``load_state_dict`` on the unwrapped module).
+        optimizer, scaler: receive their saved states when the file holds them.
+        restore_rng: also restore the Python/NumPy/torch RNG states (exact resume).
+        trust_code: full unpickling (needed when ``extra`` holds arbitrary Python objects; runs
+            code from the file). Otherwise the file is read with ``weights_only=True``.
+
+    Returns the checkpoint dict (tensors on the CPU; keys as written by :class:`CheckpointSaver`).
+
+    Raises:
+        ChipError: the file is missing or unreadable, or needs ``trust_code=True`` (see
+            :func:`chip.checkpoint.load_torch_file`).
     """
     path = Path(path)
     if not path.is_file():
         raise ChipError(f"checkpoint {path} not found: expected a last.pt/best.pt file from fit")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as exc:
-        raise ChipError(
-            f"checkpoint {path} holds objects a weights-only load refuses ({exc.__class__.__name__})"
-            ": pass trusted=True if you trust the file"
-        ) from exc
+    ckpt = load_torch_file(path, trust_code=trust_code)
     if model is not None:
         unwrap_model(model).load_state_dict(ckpt["model"])
     if optimizer is not None and ckpt.get("optimizer") is not None:
@@ -594,6 +601,10 @@ def load_checkpoint(
     if restore_rng and ckpt.get("rng") is not None:
         set_rng_state(ckpt["rng"])
     return ckpt
+
+
+# deprecated alias (old name, clashed with chip.checkpoint.load_checkpoint): use load_training_state
+load_checkpoint = load_training_state
 
 
 # ----------------------------------------------------------------------------------------- fit
@@ -697,7 +708,9 @@ def fit(
     start_epoch, history = 0, []
     resume_path = _resume_path(resume, out_dir)
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, model_without_ddp, optimizer, scaler, restore_rng=True)
+        ckpt = load_training_state(
+            resume_path, model_without_ddp, optimizer, scaler, restore_rng=True
+        )
         start_epoch = ckpt["epoch"] + 1
         saver.restore(ckpt)
         history = list(ckpt.get("history", []))
