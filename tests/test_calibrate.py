@@ -218,6 +218,48 @@ def test_reference_export_import_round_trip(tmp_path):
         ChannelScores.from_reference(tmp_path / "empty", "resnet56", points)
 
 
+def test_reference_points_come_from_the_registry():
+    info = chip.models.get_model_info
+    for arch, n in (("resnet56", 55), ("resnet110", 109), ("vgg16_bn", 12), ("resnet50", 49)):
+        assert reference_points(arch) == list(info(arch).reference_points)
+        assert len(reference_points(arch)) == n
+    assert reference_points("resnet56")[:3] == ["relu", "layer1.0.relu1", "layer1.0.relu2"]
+    assert reference_points("resnet50")[:2] == ["maxpool", "layer1.0.relu:0"]
+    assert reference_points("vgg16_bn")[-1] == "features.relu15"
+    for arch in ("resnet20", "tv_resnet18", None):  # the reference code has no CI files for these
+        with pytest.raises(ChipError, match=r"no reference CI layout for arch .*; expected one of "
+                                            r"\['resnet110', 'resnet50', 'resnet56', 'vgg16_bn'\]"):
+            reference_points(arch)
+
+
+def test_registered_arch_reference_round_trip(tmp_path, monkeypatch):
+    """An architecture registered with its own hook points exports and imports the reference's
+    ci_conv{k}.npy files with no edit of chip.calibration."""
+    import numpy as np
+
+    from chip.models import registry
+
+    monkeypatch.setattr(registry, "_MODEL_TABLE", dict(registry._MODEL_TABLE))
+    labels = ["act0", "act_b", "act_a", "pool", "fc:input"]  # act_b: a point chip does not hook
+    chip.models.register_model("tinynet", input_size=(3, 8, 8), num_classes=4,
+                               reference_points=lambda: labels)(lambda **kw: TinyNet())
+    assert reference_points("tinynet") == labels
+    model = chip.models.create("tinynet")
+    scores = calibrate(model, _batches(), num_batches=2, progress=False)
+    written = scores.export_reference(tmp_path, "tinynet")
+    assert [p.name for p in written] == ["ci_conv1.npy", "ci_conv3.npy", "ci_conv4.npy", "ci_conv5.npy"]
+    assert np.array_equal(np.load(tmp_path / "ci_conv3.npy"), scores.points["act_a"].numpy())
+    example = torch.randn(2, 3, 8, 8)
+    points = hook_points(model, find_groups(model, example), example)
+    back = ChannelScores.from_reference(tmp_path, "tinynet", points)
+    assert set(back.points) == set(scores.points)
+    for label in back.points:
+        assert torch.equal(back.points[label], scores.points[label])
+    for group in scores.groups:
+        torch.testing.assert_close(back.groups[group], scores.groups[group])
+    assert back.meta["arch"] == "tinynet"
+
+
 def test_groups_of_torchvision_models():
     mb = torchvision.models.mobilenet_v2(num_classes=10)
     graph = find_groups(mb, torch.randn(1, 3, 32, 32))

@@ -109,6 +109,96 @@ def test_register_model_duplicate_rejected():
         M.register_model("resnet20")(lambda num_classes, in_channels: None)
 
 
+EXPECTED_INFO = {  # arch -> (input size, classes, sparsity positions, reference points)
+    "resnet20": ((3, 32, 32), 10, 12, None),
+    "resnet32": ((3, 32, 32), 10, 18, None),
+    "resnet44": ((3, 32, 32), 10, 24, None),
+    "resnet56": ((3, 32, 32), 10, 30, 55),
+    "resnet110": ((3, 32, 32), 10, 57, 109),
+    "vgg16_bn": ((3, 32, 32), 10, 12, 12),
+    "resnet50": ((3, 224, 224), 1000, 20, 49),
+}
+
+SPARSITY_HELP = {  # the one-line help of the "expected exactly N rates (...)" error
+    "vgg16_bn": "one rate per conv for the first 12 convs",
+    "resnet50": "stem, 3 stream rates for stages 1-3, one inner rate per bottleneck (16)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_INFO))
+def test_model_info_facts(name):
+    """Every architecture fact chip uses lives in its ModelInfo (docs/method.md sections 3, 8)."""
+    info = M.get_model_info(name)
+    size, classes, positions, points = EXPECTED_INFO[name]
+    assert (info.name, info.input_size, info.num_classes) == (name, size, classes)
+    assert not hasattr(info, "dataset")
+    assert len(info.sparsity) == len(info.sparsity.positions) == positions
+    assert info.sparsity.help == SPARSITY_HELP.get(
+        name, f"stem, stage-1 and stage-2 stream rates, one inner rate per block ({positions - 3})")
+    assert all(isinstance(g, tuple) for g in info.sparsity.positions)
+    assert (None if info.reference_points is None else len(info.reference_points)) == points
+    if name in CIFAR_RESNETS:  # the stem writes the stage-1 stream: position 0 follows position 1
+        (note,) = info.sparsity.ignored
+        assert (note.position, note.follows) == (0, 1)
+        assert info.sparsity.positions[0] == ()
+        assert note.message([0.5, 0.15]) == (
+            "stem rate 0.5 ignored: the stem writes the stage-1 residual stream, a coupled group "
+            "that takes the stage-1 rate 0.15")
+        assert note.message([0.0, 0.15]) is None and note.message([0.15, 0.15]) is None
+    else:
+        assert info.sparsity.ignored == ()
+
+
+def test_resnet50_lives_in_its_own_module():
+    from chip.models import resnet50 as module
+
+    assert M.get_model_info("resnet50").builder is module.resnet50
+    assert module.resnet50.__module__ == "chip.models.resnet50"
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"positions": []}, ValueError),
+    ({"positions": [["conv1"], [""]]}, ValueError),
+    ({"positions": [["conv1"]], "ignored": (M.IgnoredRate(0, 1, "x"),)}, ValueError),
+])
+def test_sparsity_layout_rejects(kwargs, error):
+    with pytest.raises(error):
+        M.SparsityLayout(**kwargs)
+
+
+def test_sparsity_layout_normalises(monkeypatch):
+    layout = M.SparsityLayout(positions=lambda: [["a", "b"], [], ["c"]])
+    assert layout.positions == (("a", "b"), (), ("c",))
+    assert layout.help == "3 positions" and layout.ignored == ()
+    from chip.models import registry
+
+    monkeypatch.setattr(registry, "_MODEL_TABLE", dict(registry._MODEL_TABLE))
+    with pytest.raises(TypeError):
+        M.register_model("fake_bad", sparsity=[["a"]])(lambda **kw: None)
+    with pytest.raises(ValueError):
+        M.register_model("fake_bad", reference_points=["ok", ""])(lambda **kw: None)
+    M.register_model("fake_ok", input_size=[1, 8, 8], reference_points=lambda: ["x"])(lambda **kw: None)
+    info = M.get_model_info("fake_ok")
+    assert info.input_size == (1, 8, 8) and info.reference_points == ("x",)
+    assert info.sparsity is None and info.num_classes == 10
+
+
+def test_trust_code_and_deprecated_unsafe_pickle(tmp_path):
+    """A checkpoint holding non-tensor objects loads only when trusted; ``unsafe_pickle=`` is the
+    deprecated spelling of ``trust_code=``."""
+    import argparse
+
+    source = M.create("resnet20")
+    path = tmp_path / "with_args.pt"
+    torch.save({"state_dict": source.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(ChipError):
+        M.create("resnet20", checkpoint=path)
+    for flag in ({"trust_code": True}, {"unsafe_pickle": True}):
+        model = M.create("resnet20", checkpoint=path, **flag)
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value)
+
+
 # ----------------------------------------------------------------------------- zoo-wide
 @pytest.mark.parametrize("name", ZOO)
 def test_forward_shape(name):

@@ -282,7 +282,8 @@ class ChannelScores:
 
     # -- reference layout (ci_conv{k}.npy) -------------------------------------------------------
     def export_reference(self, directory, arch: str) -> list[Path]:
-        """Write ``ci_conv{k}.npy`` in the reference's numbering for a zoo ``arch``.
+        """Write ``ci_conv{k}.npy`` in the reference's numbering for ``arch`` (an architecture
+        registered with reference points, :func:`reference_points`).
 
         Hook points the reference has but chip does not score (the last stage's final block
         output, which chip reads through the global pool) are skipped; returns the written paths.
@@ -300,7 +301,8 @@ class ChannelScores:
 
     @classmethod
     def from_reference(cls, directory, arch: str, points: Iterable[HookPoint]) -> ChannelScores:
-        """Read the reference's ``ci_conv{k}.npy`` files for a zoo ``arch``.
+        """Read the reference's ``ci_conv{k}.npy`` files for ``arch`` (an architecture registered
+        with reference points, :func:`reference_points`).
 
         ``points`` are the model's hook points (:func:`hook_points`), which assign each file to its
         group. Reference files chip has no hook point for are ignored.
@@ -321,36 +323,23 @@ class ChannelScores:
         )
 
 
-def _resnet_cifar_points(n: int) -> list[str]:
-    return ["relu"] + [f"layer{s}.{b}.relu{k}" for s in (1, 2, 3) for b in range(n) for k in (1, 2)]
-
-
-_VGG_POINTS = [f"features.{m}" for m in (
-    "relu0", "pool2", "relu3", "pool5", "relu6", "relu7", "pool9", "relu10", "relu11", "pool13",
-    "relu14", "relu15")]
-
-# zoo arch -> hook points in the reference code's order (ci_conv1, ci_conv2, ...)
-_REFERENCE_POINTS: dict[str, Callable[[], list[str]]] = {
-    "resnet56": lambda: _resnet_cifar_points(9),
-    "resnet110": lambda: _resnet_cifar_points(18),
-    "vgg16_bn": lambda: list(_VGG_POINTS),
-    "resnet50": lambda: ["maxpool"] + [
-        f"layer{s}.{b}.relu:{k}" for s, blocks in zip((1, 2, 3, 4), (3, 4, 6, 3))
-        for b in range(blocks) for k in (0, 1, 2)],
-}
-
-
 def reference_points(arch: str) -> list[str]:
-    """The reference code's hooked layers for a zoo arch, in its ``ci_conv{k}`` order."""
-    try:
-        return _REFERENCE_POINTS[arch]()
-    except KeyError:
-        raise ChipError(
-            f"no reference CI layout for arch {arch!r}; expected one of {sorted(_REFERENCE_POINTS)}"
-        ) from None
+    """The reference code's hooked layers for a zoo arch, in its ``ci_conv{k}`` order.
+
+    They are registered with the model (:attr:`chip.models.ModelInfo.reference_points`): hook-point
+    labels as :func:`hook_points` names them, ``ci_conv{k}.npy`` being the ``k``-th (from 1).
+    """
+    from .models import get_model_info, list_models
+
+    infos = [get_model_info(name) for name in list_models()]
+    table = {info.name: info.reference_points for info in infos if info.reference_points is not None}
+    if arch not in table:
+        raise ChipError(f"no reference CI layout for arch {arch!r}; expected one of {sorted(table)}")
+    return list(table[arch])
 
 
-def _example_from(loader) -> torch.Tensor:
+def first_batch(loader) -> torch.Tensor:
+    """The inputs of the first batch of ``loader`` (at most two samples), to trace a model on."""
     try:
         first = next(iter(loader))
     except StopIteration:
@@ -394,7 +383,7 @@ def calibrate(
     device = resolve_device(device)
     original_device = next(iter(model.parameters())).device
     flags = [(m, m.training) for m in model.modules()]
-    example = _example_from(loader).to(device)
+    example = first_batch(loader).to(device)
     handles = []
     seen = 0
     own_graph = graph is None

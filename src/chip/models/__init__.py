@@ -1,18 +1,24 @@
 """Model zoo of the CHIP paper with reference-compatible parameter names.
 
 ``chip.models.create("resnet56", checkpoint="resnet_56.pt")`` builds a registered architecture and
-loads a checkpoint; :func:`list_models` names the zoo and :func:`arch_input_size` gives the default
-input size of each.
+loads a checkpoint; :func:`list_models` names the zoo, :func:`get_model_info` gives everything
+chip knows about an architecture (:class:`ModelInfo`: default input size and classes, the
+sparsity-string layout, the reference code's CI hook points) and :func:`arch_input_size` the
+default input size.
+
+One file per family registers its architectures with those facts (``resnet_cifar``,
+``vgg_cifar``, ``resnet50``); adding an architecture means adding one such file and importing it
+here.
 """
 
 from __future__ import annotations
 
-import torch.nn as nn
-import torchvision
-
-from chip.models import resnet_cifar, vgg_cifar  # noqa: F401  (register the CIFAR models)
+# importing the family modules registers their architectures
+from chip.models import resnet50, resnet_cifar, vgg_cifar  # noqa: F401
 from chip.models.registry import (
+    IgnoredRate,
     ModelInfo,
+    SparsityLayout,
     arch_input_size,
     create,
     get_model_info,
@@ -26,21 +32,13 @@ __all__ = [
     "BasicBlock",
     "CifarResNet",
     "CifarVGG",
+    "IgnoredRate",
     "ModelInfo",
     "PadShortcut",
+    "SparsityLayout",
     "arch_input_size",
     "create",
     "get_model_info",
     "list_models",
     "register_model",
 ]
-
-
-@register_model(input_size=(3, 224, 224), dataset="imagenet", num_classes=1000)
-def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    """torchvision's ResNet-50 (random init); the stem conv is rebuilt for ``in_channels != 3``."""
-    model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return model

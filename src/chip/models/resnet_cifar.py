@@ -7,6 +7,9 @@ paper's checkpoints load unchanged: ``conv1``, ``bn1``, ``layer{1,2,3}.{b}.conv{
 The reference implements the stage-boundary shortcut as a lambda; here it is
 :class:`PadShortcut`, a real module holding index buffers, so that it can be scripted, exported
 and pruned (a pruner shrinks ``src`` / ``dst`` and the channel counts).
+
+Each depth is registered with its sparsity-string layout (:func:`sparsity_layout`) and, for the
+depths the reference code scores (56, 110), its CI hook points (:func:`reference_hook_points`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from chip.models.registry import register_model
+from chip.models.registry import IgnoredRate, SparsityLayout, register_model
 
-__all__ = ["BasicBlock", "CifarResNet", "PadShortcut", "resnet_cifar"]
+__all__ = ["BasicBlock", "CifarResNet", "PadShortcut", "reference_hook_points", "resnet_cifar", "sparsity_layout"]
 
 
 class PadShortcut(nn.Module):
@@ -162,31 +165,60 @@ def resnet_cifar(depth: int, num_classes: int = 10, in_channels: int = 3) -> Cif
     return CifarResNet(depth, num_classes, in_channels, head_name=head_name)
 
 
-@register_model()
+def sparsity_layout(n: int) -> SparsityLayout:
+    """Sparsity-string layout of a CIFAR ResNet with ``n`` blocks per stage (docs/method.md section 3).
+
+    ``[stem, stage-1 stream, stage-2 stream, one inner rate per block]`` (``3 + 3n`` rates). The
+    stem conv writes the stage-1 residual stream, so the stem and the stage-1 stream are one
+    coupled group (named ``conv1``) that takes the *stage-1 stream* rate (position 1); the stem
+    rate (position 0) is ignored, with a warning when it is non-zero and differs. The stage-2
+    stream is the group of ``layer2.0.conv2``; the last stream is never pruned, as in the paper.
+    The inner rate of block ``b`` of stage ``s`` prunes ``layer{s}.{b}.conv1``.
+    """
+    inner = [[f"layer{s}.{b}.conv1"] for s in (1, 2, 3) for b in range(n)]
+    return SparsityLayout(
+        positions=[[], ["conv1"], ["layer2.0.conv2"]] + inner,
+        help=f"stem, stage-1 and stage-2 stream rates, one inner rate per block ({3 * n})",
+        ignored=(IgnoredRate(
+            position=0, follows=1,
+            warning="stem rate {rate} ignored: the stem writes the stage-1 residual stream, a "
+                    "coupled group that takes the stage-1 rate {follows_rate}"),),
+    )
+
+
+def reference_hook_points(n: int) -> list[str]:
+    """The reference code's CI hook points (``ci_conv1``, ``ci_conv2``, ...) for ``n`` blocks per
+    stage: the stem's ReLU, then ``relu1`` (inner) and ``relu2`` (block output) of every block."""
+    return ["relu"] + [f"layer{s}.{b}.relu{k}" for s in (1, 2, 3) for b in range(n) for k in (1, 2)]
+
+
+# The reference code computes CI (ci_conv{k}.npy) for ResNet-56 and ResNet-110 only; the other
+# depths take sparsity strings but have no reference hook points.
+@register_model(sparsity=sparsity_layout(3))
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-20 (n=3), a small model for tests and demos."""
     return resnet_cifar(20, num_classes, in_channels)
 
 
-@register_model()
+@register_model(sparsity=sparsity_layout(5))
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-32 (n=5)."""
     return resnet_cifar(32, num_classes, in_channels)
 
 
-@register_model()
+@register_model(sparsity=sparsity_layout(7))
 def resnet44(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-44 (n=7)."""
     return resnet_cifar(44, num_classes, in_channels)
 
 
-@register_model()
+@register_model(sparsity=sparsity_layout(9), reference_points=reference_hook_points(9))
 def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-56 (n=9), head ``fc``: 853,018 parameters for 10 classes."""
     return resnet_cifar(56, num_classes, in_channels)
 
 
-@register_model()
+@register_model(sparsity=sparsity_layout(18), reference_points=reference_hook_points(18))
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-110 (n=18), head ``linear``: 1,727,962 parameters for 10 classes."""
     return resnet_cifar(110, num_classes, in_channels)

@@ -3,6 +3,9 @@
 ``features`` holds ``conv{i}`` / ``norm{i}`` / ``relu{i}`` for every conv entry ``i`` of the
 configuration list and ``pool{i}`` for every ``'M'`` entry; then ``avgpool`` (AvgPool2d(2)),
 flatten and ``classifier`` = ``linear1``, ``norm1`` (BatchNorm1d), ``relu1``, ``linear2``.
+
+``vgg16_bn`` is registered with its sparsity-string layout (one rate for each of the first 12
+convs) and the reference code's CI hook points.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from chip.models.registry import register_model
+from chip.models.registry import SparsityLayout, register_model
 
-__all__ = ["VGG_CFGS", "CifarVGG", "vgg16_bn"]
+__all__ = ["VGG16_REFERENCE_POINTS", "VGG16_SPARSITY", "VGG_CFGS", "CifarVGG", "vgg16_bn"]
 
 CfgItem = Union[int, str]
 
@@ -96,7 +99,23 @@ class CifarVGG(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_model()
+# positions in VGG_CFGS["vgg16"] of the first 12 of its 13 convs: the sparsity string's positions
+# (conv 13, feeding the classifier, is never pruned, as in the paper)
+_VGG16_PRUNED_CONVS = (0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15)
+
+VGG16_SPARSITY = SparsityLayout(
+    positions=[[f"features.conv{i}"] for i in _VGG16_PRUNED_CONVS],
+    help="one rate per conv for the first 12 convs",
+)
+
+# the reference code's CI hook points (ci_conv1 .. ci_conv12): each pruned conv's output after its
+# ReLU, or after the max-pool that follows it
+VGG16_REFERENCE_POINTS = [f"features.{m}" for m in (
+    "relu0", "pool2", "relu3", "pool5", "relu6", "relu7", "pool9", "relu10", "relu11", "pool13",
+    "relu14", "relu15")]
+
+
+@register_model(sparsity=VGG16_SPARSITY, reference_points=VGG16_REFERENCE_POINTS)
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> CifarVGG:
     """CIFAR VGG-16-BN: 14,991,946 parameters for 10 classes."""
     return CifarVGG(VGG_CFGS["vgg16"], num_classes, in_channels)
