@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ import chip.models as M
 from chip.counting import count
 from chip.errors import ChipError
 from chip.groups import find_groups
-from chip.planning import PruningPlan, parse_sparsity, parse_target, plan
+from chip.planning import SPARSITY_LAYOUTS, PruningPlan, parse_sparsity, parse_target, plan
 from chip.prune import apply
 
 _GRAPHS: dict[str, tuple[nn.Module, object, tuple[int, ...]]] = {}
@@ -223,6 +224,125 @@ def test_differing_stem_rate_warns_and_follows_stream():
     with pytest.warns(UserWarning, match="stem rate"):
         p = plan(model, None, "[0.5]+[0.25]*2+[0.]*9", graph=graph)
     assert p.widths()["conv1"] == 12  # the stage-1 stream rate, not the stem's
+
+
+STEM_WARNING = ("stem rate 0.5 ignored: the stem writes the stage-1 residual stream, a coupled group "
+                "that takes the stage-1 rate 0.15")
+
+
+def _rate_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "ignored" in str(w.message)]
+
+
+def test_stem_rate_warning_resnet56():
+    """The warning is data on the CIFAR ResNets (an IgnoredRate), with today's exact message."""
+    model, graph, size = model_and_graph("resnet56")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        p = plan(model, None, "[0.5]+[0.15]*2+[0.4]*27", graph=graph)
+    assert _rate_warnings(record) == [STEM_WARNING]
+    assert all(w.category is UserWarning for w in record if str(w.message) == STEM_WARNING)
+    assert p.widths()["conv1"] == 13  # the stage-1 stream rate
+    for text in ("[0.]+[0.15]*2+[0.4]*27", "[0.15]+[0.15]*2+[0.4]*27"):  # zero or equal: silent
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            plan(model, None, text, graph=graph)
+        assert _rate_warnings(record) == []
+
+
+@pytest.mark.parametrize("arch,text", [("vgg16_bn", "[0.5]+[0.15]+[0.1]*10"),
+                                       ("resnet50", "[0.5]+[0.15]*3+[0.35]*16")])
+def test_no_stem_rate_warning_without_ignored_rate(arch, text):
+    """VGG-16-BN and ResNet-50 prune their stem at its own rate: no warning, the rate applies."""
+    model, graph, size = model_and_graph(arch)
+    assert M.get_model_info(arch).sparsity.ignored == ()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        p = plan(model, None, text, graph=graph)
+    assert _rate_warnings(record) == []
+    stem = "features.conv0" if arch == "vgg16_bn" else "conv1"
+    assert p.widths()[stem] == 32
+
+
+def test_sparsity_layouts_view_reads_the_registry():
+    """SPARSITY_LAYOUTS (used by bench/study_fashion_mnist.py) is a read-only view of the registry."""
+    assert set(SPARSITY_LAYOUTS) == set(M.list_models())
+    assert len(SPARSITY_LAYOUTS["resnet20"]()) == 3 + 9
+    assert SPARSITY_LAYOUTS["resnet56"]()[:3] == [[], ["conv1"], ["layer2.0.conv2"]]
+    assert SPARSITY_LAYOUTS["vgg16_bn"]()[11] == ["features.conv15"]
+    assert SPARSITY_LAYOUTS["resnet50"]()[4] == ["layer1.0.conv1", "layer1.0.conv2"]
+    with pytest.raises(TypeError):
+        SPARSITY_LAYOUTS["resnet20"] = lambda: []  # type: ignore[index]
+
+
+# -- an architecture registered outside chip: one registration, no edit of chip.planning ------
+
+
+class FakeNet(nn.Module):
+    """conv1 -> conv2 -> conv3 (3x3, ReLU after each), global pool, linear head."""
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 3):
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(8, 12, 3, padding=1), nn.ReLU()
+        self.conv3, self.act3 = nn.Conv2d(12, 16, 3, padding=1), nn.ReLU()
+        self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.act3(self.conv3(self.act2(self.conv2(self.act1(self.conv1(x))))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+FAKE_HELP = "conv1, then conv2 and conv3 together, then an unused rate"
+
+
+@pytest.fixture
+def fake_arch(monkeypatch):
+    """Registers ``fake_net`` for one test (on a copy of the registry, restored afterwards)."""
+    from chip.models import registry
+
+    monkeypatch.setattr(registry, "_MODEL_TABLE", dict(registry._MODEL_TABLE))
+    layout = M.SparsityLayout(
+        positions=lambda: [["conv1"], ["conv2", "conv3"], []],
+        help=FAKE_HELP,
+        ignored=(M.IgnoredRate(2, 1, "unused rate {rate} ignored: conv2/conv3 take {follows_rate}"),),
+    )
+    M.register_model("fake_net", input_size=(3, 16, 16), num_classes=5, sparsity=layout,
+                     reference_points=["act1", "act2", "flatten"])(FakeNet)
+    return "fake_net"
+
+
+def test_registered_arch_takes_sparsity_strings(fake_arch):
+    import chip
+
+    model = M.create(fake_arch).eval()
+    assert fake_arch in SPARSITY_LAYOUTS
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        p = chip.plan(model, None, "[0.5]+[0.25]*2")
+    assert _rate_warnings(record) == []
+    assert p.arch == fake_arch and p.input_size == (1, 3, 16, 16)  # the registered input size
+    assert p.widths() == {"conv1": 4, "conv2": 9, "conv3": 12}
+    pruned = chip.apply(model, p)
+    assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+    with pytest.raises(ChipError, match=rf"expected exactly 3 \({FAKE_HELP}\)"):
+        chip.plan(model, None, "[0.5]*4")
+    with pytest.warns(UserWarning, match="unused rate 0.5 ignored: conv2/conv3 take 0.25"):
+        chip.plan(model, None, "[0.]+[0.25]+[0.5]")
+
+
+def test_registered_arch_without_layout_is_refused(monkeypatch):
+    from chip.models import registry
+
+    monkeypatch.setattr(registry, "_MODEL_TABLE", dict(registry._MODEL_TABLE))
+    M.register_model("fake_plain", input_size=(3, 16, 16))(FakeNet)
+    assert "fake_plain" not in SPARSITY_LAYOUTS
+    with pytest.raises(ChipError, match=r"sparsity strings need a zoo architecture \(.*resnet56.*\), "
+                                         r"got 'fake_plain'"):
+        plan(M.create("fake_plain"), None, "[0.1]*3")
+    assert plan(M.create("fake_plain"), None, 0.5).widths()["conv1"] == 4  # rates still work
 
 
 # -- counts (docs/method.md section 4) -----------------------------------------------------------------------------

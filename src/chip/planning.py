@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .counting import WidthCounter
+from .counting import CONVENTION, WidthCounter
 from .errors import ChipError, ChipWarning
 from .groups import ChannelGroup, GroupGraph, find_groups
 from .utils import atomic_write
@@ -89,70 +89,79 @@ def parse_sparsity(text: str) -> list[float]:
     return rates
 
 
-def _resnet_cifar_layout(n: int) -> list[list[str]]:
-    """[stem, stage-1 stream, stage-2 stream, one inner rate per block] (docs/method.md section 3)."""
-    inner = [[f"layer{s}.{b}.conv1"] for s in (1, 2, 3) for b in range(n)]
-    return [[], ["conv1"], ["layer2.0.conv2"]] + inner
+class _SparsityLayouts(Mapping[str, Callable[[], list[list[str]]]]):
+    """Read-only view of the registry: zoo arch -> function returning its sparsity layout.
+
+    The layouts live with the models (:class:`chip.models.SparsityLayout`, registered by
+    :func:`chip.models.register_model`); this view lists every registered architecture that has
+    one, including architectures registered after import. ``SPARSITY_LAYOUTS[arch]()`` is, for
+    each position of the sparsity string, the list of group names that take that rate.
+    """
+
+    @staticmethod
+    def _table() -> dict[str, Any]:
+        from .models import get_model_info, list_models
+
+        infos = (get_model_info(name) for name in list_models())
+        return {info.name: info.sparsity for info in infos if info.sparsity is not None}
+
+    def __getitem__(self, arch: str) -> Callable[[], list[list[str]]]:
+        layout = self._table()[arch]
+        return lambda: [list(groups) for groups in layout.positions]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return f"SPARSITY_LAYOUTS({', '.join(self)})"
 
 
-def _resnet50_layout() -> list[list[str]]:
-    inner = [[f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2"]
-             for s, blocks in zip((1, 2, 3, 4), (3, 4, 6, 3)) for b in range(blocks)]
-    return [["conv1"], ["layer1.0.conv3"], ["layer2.0.conv3"], ["layer3.0.conv3"]] + inner
+# zoo arch -> for each position of the sparsity string, the groups that take that rate (a view of
+# the model registry; docs/method.md section 3)
+SPARSITY_LAYOUTS: Mapping[str, Callable[[], list[list[str]]]] = _SparsityLayouts()
 
 
-_VGG_CONVS = (0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15)  # the first 12 of 13 convs (by position)
+def _sparsity_layout(arch: str | None):
+    """The registered :class:`chip.models.SparsityLayout` of ``arch``; ChipError when it has none."""
+    from .models import get_model_info, list_models
 
-# zoo arch -> for each position of the sparsity string, the groups that take that rate.
-# CIFAR ResNets: the stem conv writes the stage-1 residual stream, so the stem and the stage-1
-# stream are one coupled group that takes the *stage-1 stream* rate (position 1); the stem rate
-# (position 0) is ignored, with a warning when it is non-zero and differs. The last stream of every
-# ResNet and VGG's conv 13 are never pruned, as in the paper.
-SPARSITY_LAYOUTS: dict[str, Callable[[], list[list[str]]]] = {
-    "resnet56": lambda: _resnet_cifar_layout(9),
-    "resnet110": lambda: _resnet_cifar_layout(18),
-    "resnet20": lambda: _resnet_cifar_layout(3),
-    "resnet32": lambda: _resnet_cifar_layout(5),
-    "resnet44": lambda: _resnet_cifar_layout(7),
-    "vgg16_bn": lambda: [[f"features.conv{i}"] for i in _VGG_CONVS],
-    "resnet50": _resnet50_layout,
-}
-
-
-def _sparsity_rates(arch: str | None, text: str, graph: GroupGraph) -> dict[str, float]:
-    if arch not in SPARSITY_LAYOUTS:
+    layout = get_model_info(arch).sparsity if arch in list_models() else None
+    if layout is None:
         raise ChipError(
             f"sparsity strings need a zoo architecture ({', '.join(SPARSITY_LAYOUTS)}), got {arch!r}; "
             "use a uniform rate, a per-layer mapping or a flops=/params= budget instead"
         )
-    layout = SPARSITY_LAYOUTS[arch]()
+    return layout
+
+
+def _sparsity_rates(arch: str | None, text: str, graph: GroupGraph) -> dict[str, float]:
+    layout = _sparsity_layout(arch)
     rates = parse_sparsity(text)
-    if len(rates) != len(layout):
+    if len(rates) != len(layout.positions):
         raise ChipError(
-            f"sparsity string for {arch} has {len(rates)} rates; expected exactly {len(layout)} "
+            f"sparsity string for {arch} has {len(rates)} rates; expected exactly {len(layout.positions)} "
             f"({_layout_help(arch)})"
         )
     out: dict[str, float] = {}
-    for position, (rate, groups) in enumerate(zip(rates, layout)):
+    for position, (rate, groups) in enumerate(zip(rates, layout.positions)):
         for name in groups:
             if name not in graph.by_name:
                 raise ChipError(f"group {name!r} (sparsity position {position}) not found in the model; "
                                 f"is it really a {arch}?")
             out[name] = rate
-    if arch.startswith("resnet") and arch != "resnet50" and rates[0] not in (0.0, rates[1]):
-        warnings.warn(
-            f"stem rate {rates[0]} ignored: the stem writes the stage-1 residual stream, a coupled group "
-            f"that takes the stage-1 rate {rates[1]}", stacklevel=3)
+    for note in layout.ignored:  # e.g. the CIFAR ResNets' stem rate (it follows the stage-1 stream)
+        message = note.message(rates)
+        if message is not None:
+            warnings.warn(message, stacklevel=3)
     return out
 
 
 def _layout_help(arch: str) -> str:
-    if arch == "resnet50":
-        return "stem, 3 stream rates for stages 1-3, one inner rate per bottleneck (16)"
-    if arch == "vgg16_bn":
-        return "one rate per conv for the first 12 convs"
-    n = (len(SPARSITY_LAYOUTS[arch]()) - 3) // 3
-    return f"stem, stage-1 and stage-2 stream rates, one inner rate per block ({3 * n})"
+    """The one-line description of ``arch``'s sparsity positions (registered with the model)."""
+    return _sparsity_layout(arch).help
 
 
 # -- plans ---------------------------------------------------------------------------------------
@@ -408,7 +417,7 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
         "base_params": counter.base_params, "base_macs": counter.base_macs,
         "params": params, "macs": macs,
         "params_kept": params / counter.base_params, "macs_kept": macs / counter.base_macs,
-        "macs_convention": "MACs of conv+linear layers, batch 1",
+        "macs_convention": CONVENTION,
     }
     if kind == "budget":
         stats.update(budget_kind=value[0], budget=value[1], uniform_rate=solved_rate)
@@ -434,11 +443,13 @@ def _warn_skipped(graph: GroupGraph) -> None:
 
 
 def _default_input_size(model: nn.Module, arch: str | None) -> tuple[int, ...]:
+    """(1, C, H, W): the registered input size of a zoo ``arch`` with the model's own
+    ``in_channels``; (1, 3, 224, 224) for other models."""
     if arch is not None:
-        from .models import arch_input_size
+        from .models import get_model_info
 
         in_ch = getattr(model, "chip_kwargs", {}).get("in_channels")
-        size = tuple(arch_input_size(arch))
+        size = tuple(get_model_info(arch).input_size)
         if in_ch is not None:
             size = (in_ch,) + size[1:]
         return (1,) + size
