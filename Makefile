@@ -28,6 +28,7 @@ test-fast: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -43,8 +43,13 @@ def main(argv=None) -> None:
     size = args.image_size or chip.models.arch_input_size(args.arch)[-1]
     model = chip.models.create(args.arch).to(device).eval()
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch_size, 3, size, size, generator=g).relu().to(device),
-                torch.zeros(args.batch_size)) for _ in range(args.batches)]
+    batches = [
+        (
+            torch.randn(args.batch_size, 3, size, size, generator=g).relu().to(device),
+            torch.zeros(args.batch_size),
+        )
+        for _ in range(args.batches)
+    ]
 
     def plain() -> float:
         _sync(device)
@@ -66,8 +71,9 @@ def main(argv=None) -> None:
     def scoring(graph) -> float:
         _sync(device)
         t = time.perf_counter()
-        chip.calibrate(model, batches, num_batches=args.batches, device=device, graph=graph,
-                       progress=False)
+        chip.calibrate(
+            model, batches, num_batches=args.batches, device=device, graph=graph, progress=False
+        )
         _sync(device)
         return time.perf_counter() - t
 
@@ -76,15 +82,19 @@ def main(argv=None) -> None:
     t_trace, graph = min((trace() for _ in range(args.repeats)), key=lambda r: r[0])
     t_score = min(scoring(graph) for _ in range(args.repeats))
     n = args.batches * args.batch_size
-    print(f"{args.arch} on {device} ({torch.get_num_threads()} threads), {args.batches} x "
-          f"{args.batch_size} images at {size}x{size}")
+    print(
+        f"{args.arch} on {device} ({torch.get_num_threads()} threads), {args.batches} x "
+        f"{args.batch_size} images at {size}x{size}"
+    )
     print(f"{'plain inference':<28}{t_plain:9.2f} s")
     print(f"{'calibrate: graph trace':<28}{t_trace:9.2f} s   (once per model)")
     print(f"{'calibrate: scoring pass':<28}{t_score:9.2f} s   ({1e3 * t_score / n:.2f} ms/image)")
     total = t_trace + t_score
     ratio = total / t_plain
-    print(f"ratio calibrate/plain: {ratio:.2f} total, {t_score / t_plain:.2f} scoring pass only "
-          f"(target <= 1.5 total: {'PASS' if ratio <= 1.5 else 'FAIL'})")
+    print(
+        f"ratio calibrate/plain: {ratio:.2f} total, {t_score / t_plain:.2f} scoring pass only "
+        f"(target <= 1.5 total: {'PASS' if ratio <= 1.5 else 'FAIL'})"
+    )
 
 
 if __name__ == "__main__":

@@ -113,14 +113,16 @@ def bench_case(case: Case, args) -> dict:
     fast = channel_independence(fmaps[:sub_n])[:, channels]
 
     sub = fmaps[:sub_n]
-    oracle_ms = per_sample_ms(lambda k: channel_independence_oracle(sub, channels[:k]),
-                              sub_n, sub_c, c, args.slow_repeats)
+    oracle_ms = per_sample_ms(
+        lambda k: channel_independence_oracle(sub, channels[:k]), sub_n, sub_c, c, args.slow_repeats
+    )
     oracle = channel_independence_oracle(sub, channels)
 
     maps = fmaps.numpy()
     samples = list(range(sub_n))
-    ref_ms = per_sample_ms(lambda k: reference_ci(maps, samples, channels[:k]),
-                           sub_n, sub_c, c, args.slow_repeats)
+    ref_ms = per_sample_ms(
+        lambda k: reference_ci(maps, samples, channels[:k]), sub_n, sub_c, c, args.slow_repeats
+    )
     # the reference rounds the whole batch once: charge 1/N of it per sample, not 1/sub_n
     round_ms = 1e3 * best_time(lambda: torch.tensor(np.round(maps, 4)), args.slow_repeats)
     ref_ms -= round_ms / sub_n - round_ms / n
@@ -128,9 +130,14 @@ def bench_case(case: Case, args) -> dict:
 
     scale = oracle.abs().max().item()
     row = {
-        "shape": case.shape if not args.quick else (n, c, h, w), "kind": case.kind,
-        "chip_ms": chip_ms, "chip_cpu_ms": chip_cpu_ms, "oracle_ms": oracle_ms, "ref_ms": ref_ms,
-        "vs_oracle": oracle_ms / chip_ms, "vs_ref": ref_ms / chip_ms,
+        "shape": case.shape if not args.quick else (n, c, h, w),
+        "kind": case.kind,
+        "chip_ms": chip_ms,
+        "chip_cpu_ms": chip_cpu_ms,
+        "oracle_ms": oracle_ms,
+        "ref_ms": ref_ms,
+        "vs_oracle": oracle_ms / chip_ms,
+        "vs_ref": ref_ms / chip_ms,
         "err": (fast - oracle).abs().max().item() / scale,
         "ref_err": (ref - oracle).abs().max().item() / scale,
         "subset": f"{sub_n}x{sub_c}",
@@ -143,12 +150,14 @@ def bench_case(case: Case, args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batches and subsets (smoke)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="best-of repeats for chip")
     parser.add_argument("--slow-repeats", type=int, default=1, help="repeats for oracle/ref")
-    parser.add_argument("--channels", type=int, default=6,
-                        help="channels timed for the slow methods when C > 64")
+    parser.add_argument(
+        "--channels", type=int, default=6, help="channels timed for the slow methods when C > 64"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -157,24 +166,32 @@ def main(argv=None) -> None:
         args.repeats = 1
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, load avg {load:.1f}; ReLU'd Gaussian float32 maps; "
-          f"wall time, best of {args.repeats} (chip) / {args.slow_repeats} (oracle, ref)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs, load avg {load:.1f}; ReLU'd Gaussian float32 maps; "
+        f"wall time, best of {args.repeats} (chip) / {args.slow_repeats} (oracle, ref)"
+    )
     print("oracle/ref: timed on a subset 'samples x channels' and extrapolated to a full sample")
-    header = (f"{'shape (N,C,H,W)':<20}{'chip ms':>9}{'(cpu)':>8}{'oracle ms':>12}{'ref ms':>12}"
-              f"{'x oracle':>10}{'x ref':>9}{'err':>10}{'ref err':>10}{'subset':>8}  target")
+    header = (
+        f"{'shape (N,C,H,W)':<20}{'chip ms':>9}{'(cpu)':>8}{'oracle ms':>12}{'ref ms':>12}"
+        f"{'x oracle':>10}{'x ref':>9}{'err':>10}{'ref err':>10}{'subset':>8}  target"
+    )
     print(header)
     print("-" * len(header))
     for case in CASES:
         r = bench_case(case, args)
-        print(f"{str(r['shape']):<20}{r['chip_ms']:>9.2f}{r['chip_cpu_ms']:>8.2f}"
-              f"{r['oracle_ms']:>12.1f}"
-              f"{r['ref_ms']:>12.1f}{r['vs_oracle']:>10.0f}{r['vs_ref']:>9.0f}"
-              f"{r['err']:>10.1e}{r['ref_err']:>10.1e}{r['subset']:>8}  {r['target']}",
-              flush=True)
-    print("ms = wall ms per sample; (cpu) = chip's process CPU ms per sample, all threads; "
-          "err = max|chip - oracle| / max CI;\nref err = the same for the reference "
-          "(float32, maps rounded to 4 decimals)")
+        print(
+            f"{str(r['shape']):<20}{r['chip_ms']:>9.2f}{r['chip_cpu_ms']:>8.2f}"
+            f"{r['oracle_ms']:>12.1f}"
+            f"{r['ref_ms']:>12.1f}{r['vs_oracle']:>10.0f}{r['vs_ref']:>9.0f}"
+            f"{r['err']:>10.1e}{r['ref_err']:>10.1e}{r['subset']:>8}  {r['target']}",
+            flush=True,
+        )
+    print(
+        "ms = wall ms per sample; (cpu) = chip's process CPU ms per sample, all threads; "
+        "err = max|chip - oracle| / max CI;\nref err = the same for the reference "
+        "(float32, maps rounded to 4 decimals)"
+    )
 
 
 if __name__ == "__main__":

@@ -68,38 +68,97 @@ def _torchvision_cases() -> list[Case]:
     sizes = {"alexnet": 64, "inception_v3": 80, "maxvit_t": 224, "vit_h_14": 28}
     extra = {name: {"image_size": 32} for name in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32")}
     extra["vit_h_14"] = {"image_size": 28}
-    heavy = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "vit_h_14", "vit_l_16", "vit_l_32",
-             "convnext_large", "convnext_base", "maxvit_t", "efficientnet_v2_l", "swin_v2_b",
-             "swin_b", "vgg19_bn", "vgg19", "vgg16", "vgg16_bn", "vgg13", "vgg13_bn",
-             "vgg11", "vgg11_bn", "alexnet", "regnet_y_16gf", "resnext101_64x4d",
-             "resnext101_32x8d", "wide_resnet101_2", "efficientnet_b7", "efficientnet_v2_m",
-             "densenet161", "densenet201", "swin_v2_s", "swin_s"}
+    heavy = {
+        "regnet_y_128gf",
+        "regnet_y_32gf",
+        "regnet_x_32gf",
+        "vit_h_14",
+        "vit_l_16",
+        "vit_l_32",
+        "convnext_large",
+        "convnext_base",
+        "maxvit_t",
+        "efficientnet_v2_l",
+        "swin_v2_b",
+        "swin_b",
+        "vgg19_bn",
+        "vgg19",
+        "vgg16",
+        "vgg16_bn",
+        "vgg13",
+        "vgg13_bn",
+        "vgg11",
+        "vgg11_bn",
+        "alexnet",
+        "regnet_y_16gf",
+        "resnext101_64x4d",
+        "resnext101_32x8d",
+        "wide_resnet101_2",
+        "efficientnet_b7",
+        "efficientnet_v2_m",
+        "densenet161",
+        "densenet201",
+        "swin_v2_s",
+        "swin_s",
+    }
     cases = []
     for name in torchvision.models.list_models(module=torchvision.models):
         kwargs = {"weights": None, "num_classes": 10, **extra.get(name, {})}
-        cases.append(Case(f"torchvision:{name}", f"torchvision.models:{name}", kwargs,
-                          sizes.get(name, 32), slow=name in heavy))
+        cases.append(
+            Case(
+                f"torchvision:{name}",
+                f"torchvision.models:{name}",
+                kwargs,
+                sizes.get(name, 32),
+                slow=name in heavy,
+            )
+        )
     for name in torchvision.models.list_models(module=torchvision.models.segmentation):
         kwargs = {"weights": None, "weights_backbone": None, "num_classes": 4}
-        cases.append(Case(f"torchvision:{name}", f"torchvision.models.segmentation:{name}",
-                          kwargs, 32, slow="101" in name))
+        cases.append(
+            Case(
+                f"torchvision:{name}",
+                f"torchvision.models.segmentation:{name}",
+                kwargs,
+                32,
+                slow="101" in name,
+            )
+        )
     return cases
 
 
 # timm models of different families (model name -> input size); chip's outcome on each is shown
 TIMM_MODELS = {
-    "resnet50d": 32, "efficientnet_b0": 32, "mobilenetv3_large_100": 32, "convnext_atto": 32,
-    "regnety_002": 32, "densenet121": 32, "dla34": 32, "repvgg_a0": 32, "rexnet_100": 32,
-    "hrnet_w18_small": 64, "cspresnet50": 32, "dpn68": 32, "inception_v3": 80,
-    "ghostnet_100": 32, "mixnet_s": 32,
+    "resnet50d": 32,
+    "efficientnet_b0": 32,
+    "mobilenetv3_large_100": 32,
+    "convnext_atto": 32,
+    "regnety_002": 32,
+    "densenet121": 32,
+    "dla34": 32,
+    "repvgg_a0": 32,
+    "rexnet_100": 32,
+    "hrnet_w18_small": 64,
+    "cspresnet50": 32,
+    "dpn68": 32,
+    "inception_v3": 80,
+    "ghostnet_100": 32,
+    "mixnet_s": 32,
 }
 TIMM_EXPECT = {"mixnet_s": r"budget 0\.5 cannot be met"}
 
 
 def _timm_cases() -> list[Case]:
-    return [Case(f"timm:{name}", "timm:create_model",
-                 {"model_name": name, "pretrained": False, "num_classes": 10}, size,
-                 expect=TIMM_EXPECT.get(name)) for name, size in TIMM_MODELS.items()]
+    return [
+        Case(
+            f"timm:{name}",
+            "timm:create_model",
+            {"model_name": name, "pretrained": False, "num_classes": 10},
+            size,
+            expect=TIMM_EXPECT.get(name),
+        )
+        for name, size in TIMM_MODELS.items()
+    ]
 
 
 def all_cases() -> dict[str, Case]:
@@ -158,8 +217,9 @@ def run_case(case: Case, out_dir: Path | None = None, seed: int = 0) -> dict:
         graph = find_groups(model, x[:1])  # checked: what scoring, planning and the oracle share
         row["groups_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        scores = chip.calibrate(model, [x], num_batches=1, progress=False, device="cpu",
-                                graph=graph)
+        scores = chip.calibrate(
+            model, [x], num_batches=1, progress=False, device="cpu", graph=graph
+        )
         row["calibrate_s"] = time.perf_counter() - t
         t = time.perf_counter()
         with warnings.catch_warnings():
@@ -183,11 +243,14 @@ def run_case(case: Case, out_dir: Path | None = None, seed: int = 0) -> dict:
         output = flat_outputs(pruned(x))
     row["error"] = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(expected, output))
     # how much pruning changed the output: a comparison that could not fail would show 0 here
-    row["mask_effect"] = max(float((a - b).abs().max() / a.abs().max())
-                             for a, b in zip(plain, expected))
+    row["mask_effect"] = max(
+        float((a - b).abs().max() / a.abs().max()) for a, b in zip(plain, expected)
+    )
     measured = count(pruned, input_size)
-    row["counts_match"] = (measured.params, measured.macs) == (plan.stats["params"],
-                                                                plan.stats["macs"])
+    row["counts_match"] = (measured.params, measured.macs) == (
+        plan.stats["params"],
+        plan.stats["macs"],
+    )
     row["macs_kept"] = plan.stats["macs_kept"]
     row["params_kept"] = plan.stats["params_kept"]
     row["groups"] = len(plan.groups)
@@ -197,10 +260,16 @@ def run_case(case: Case, out_dir: Path | None = None, seed: int = 0) -> dict:
         from safetensors.torch import save_file
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        chip.save(pruned, out_dir / f"{slug(case.id)}.chip", builder=case.builder,
-                  builder_kwargs=case.kwargs)
-        save_file({"x": x, **{f"y{i}": y.contiguous() for i, y in enumerate(output)}},
-                  str(out_dir / f"{slug(case.id)}.io.safetensors"))
+        chip.save(
+            pruned,
+            out_dir / f"{slug(case.id)}.chip",
+            builder=case.builder,
+            builder_kwargs=case.kwargs,
+        )
+        save_file(
+            {"x": x, **{f"y{i}": y.contiguous() for i, y in enumerate(output)}},
+            str(out_dir / f"{slug(case.id)}.io.safetensors"),
+        )
     row["seconds"] = time.perf_counter() - start
     del model, pruned, graph
     gc.collect()
@@ -212,8 +281,12 @@ def run_case(case: Case, out_dir: Path | None = None, seed: int = 0) -> dict:
 
 def reload_all(directory: Path) -> dict[str, dict]:
     """Reload every artifact of ``directory`` in ONE new Python process; {artifact stem: result}."""
-    out = subprocess.run([sys.executable, __file__, "--reload", str(directory)], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--reload", str(directory)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -225,8 +298,12 @@ class Reloader:
     """
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-reload"], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-reload"],
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
 
     def __call__(self, path: Path) -> dict:
         self.proc.stdin.write(f"{path}\n")
@@ -252,11 +329,12 @@ def reload_one(path: Path) -> dict:
     except ChipError as exc:
         row["untrusted"] = str(exc)
     io = load_file(str(path.with_name(path.name[: -len(".chip")] + ".io.safetensors")))
-    model = chip.load(path, trust_builder=True).eval()
+    model = chip.load(path, trust_code=True).eval()
     with torch.no_grad():
         output = flat_outputs(model(io["x"]))
-    row["error"] = max(float((io[f"y{i}"] - y).abs().max() / io[f"y{i}"].abs().max())
-                       for i, y in enumerate(output))
+    row["error"] = max(
+        float((io[f"y{i}"] - y).abs().max() / io[f"y{i}"].abs().max()) for i, y in enumerate(output)
+    )
     del model
     gc.collect()
     return row
@@ -278,13 +356,17 @@ def _why(skipped: dict[str, str]) -> str:
 
 
 def table(rows: list[dict], reloads: dict[str, dict] | None = None) -> str:
-    head = ("| model | input | groups pruned / kept whole | MACs kept | max rel. error | "
-            "reloaded | find_groups s | why groups were kept whole |")
+    head = (
+        "| model | input | groups pruned / kept whole | MACs kept | max rel. error | "
+        "reloaded | find_groups s | why groups were kept whole |"
+    )
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         if r["outcome"] != "pruned":
-            lines.append(f"| {r['id']} | {r['size']} | - | - | - | - | "
-                         f"{r.get('groups_s', 0):.1f} | {r['outcome'][:160]} |")
+            lines.append(
+                f"| {r['id']} | {r['size']} | - | - | - | - | "
+                f"{r.get('groups_s', 0):.1f} | {r['outcome'][:160]} |"
+            )
             continue
         reload = "-"
         if reloads is not None and slug(r["id"]) in reloads:
@@ -292,7 +374,8 @@ def table(rows: list[dict], reloads: dict[str, dict] | None = None) -> str:
         lines.append(
             f"| {r['id']} | {r['size']} | {r['pruned_groups']} / {len(r['skipped'])} | "
             f"{r['macs_kept']:.3f} | {r['error']:.0e} | {reload} | {r['groups_s']:.1f} | "
-            f"{_why(r['skipped'])} |")
+            f"{_why(r['skipped'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -308,8 +391,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=Path, help="save artifacts here and reload them")
     parser.add_argument("--readme", type=Path, help="write the table between the README markers")
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
-    parser.add_argument("--from-json", type=Path,
-                        help="make the table from the rows of an earlier --json run (no models run)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="make the table from the rows of an earlier --json run (no models run)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reload", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--serve-reload", action="store_true", help=argparse.SUPPRESS)

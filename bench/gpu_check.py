@@ -54,12 +54,28 @@ class Sizes:
     latency_repeats: int
 
 
-FULL = Sizes(ci_shapes=((16, 256, 56, 56), (16, 512, 28, 28), (16, 2048, 7, 7)), image=224,
-             cal_batches=5, cal_batch=64, train_batch=128, warmup_iters=10, timed_iters=40,
-             latency_batches=(1, 64), latency_repeats=30)
-SMOKE = Sizes(ci_shapes=((2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)), image=32,
-              cal_batches=2, cal_batch=4, train_batch=4, warmup_iters=1, timed_iters=2,
-              latency_batches=(1, 4), latency_repeats=3)
+FULL = Sizes(
+    ci_shapes=((16, 256, 56, 56), (16, 512, 28, 28), (16, 2048, 7, 7)),
+    image=224,
+    cal_batches=5,
+    cal_batch=64,
+    train_batch=128,
+    warmup_iters=10,
+    timed_iters=40,
+    latency_batches=(1, 64),
+    latency_repeats=30,
+)
+SMOKE = Sizes(
+    ci_shapes=((2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)),
+    image=32,
+    cal_batches=2,
+    cal_batch=4,
+    train_batch=4,
+    warmup_iters=1,
+    timed_iters=2,
+    latency_batches=(1, 4),
+    latency_repeats=3,
+)
 
 Row = tuple[str, str, float, str]  # (section, item, value, unit)
 
@@ -100,8 +116,13 @@ def resnet50(device: torch.device) -> torch.nn.Module:
 
 def synthetic_batches(n: int, batch: int, image: int, device: torch.device, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, image, image, generator=gen).to(device),
-             torch.randint(0, 1000, (batch,), generator=gen).to(device)) for _ in range(n)]
+    return [
+        (
+            torch.randn(batch, 3, image, image, generator=gen).to(device),
+            torch.randint(0, 1000, (batch,), generator=gen).to(device),
+        )
+        for _ in range(n)
+    ]
 
 
 def calibrate_overhead(sizes: Sizes, device: torch.device) -> list[Row]:
@@ -121,18 +142,21 @@ def calibrate_overhead(sizes: Sizes, device: torch.device) -> list[Row]:
     t_trace = time.perf_counter() - t0
 
     def scoring():
-        chip.calibrate(model, batches, num_batches=len(batches), device=device, graph=graph,
-                       progress=False)
+        chip.calibrate(
+            model, batches, num_batches=len(batches), device=device, graph=graph, progress=False
+        )
 
     t_score = timed(scoring, device)
     n = sizes.cal_batches * sizes.cal_batch
     label = f"resnet50 {sizes.cal_batches}x{sizes.cal_batch} @{sizes.image}"
-    return [("calibrate", f"{label} plain inference", t_plain, "s"),
-            ("calibrate", f"{label} graph trace (once)", t_trace, "s"),
-            ("calibrate", f"{label} scoring pass", t_score, "s"),
-            ("calibrate", "scoring pass per image", 1e3 * t_score / n, "ms/image"),
-            ("calibrate", "ratio (trace + scoring) / plain", (t_trace + t_score) / t_plain, "x"),
-            ("calibrate", "ratio scoring / plain", t_score / t_plain, "x")]
+    return [
+        ("calibrate", f"{label} plain inference", t_plain, "s"),
+        ("calibrate", f"{label} graph trace (once)", t_trace, "s"),
+        ("calibrate", f"{label} scoring pass", t_score, "s"),
+        ("calibrate", "scoring pass per image", 1e3 * t_score / n, "ms/image"),
+        ("calibrate", "ratio (trace + scoring) / plain", (t_trace + t_score) / t_plain, "x"),
+        ("calibrate", "ratio scoring / plain", t_score / t_plain, "x"),
+    ]
 
 
 def pruned_resnet50(device: torch.device, image: int) -> tuple[torch.nn.Module, str]:
@@ -151,8 +175,17 @@ def pruned_resnet50(device: torch.device, image: int) -> tuple[torch.nn.Module, 
 def throughput(model: torch.nn.Module, sizes: Sizes, device: torch.device) -> float:
     """Training images/s of train_one_epoch (bf16 autocast, channels_last, synthetic data)."""
     amp = "bf16"
-    cfg = TrainConfig(epochs=2, lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_epochs=0,
-                      batch_size=sizes.train_batch, amp=amp, channels_last=True, seed=0)
+    cfg = TrainConfig(
+        epochs=2,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+        warmup_epochs=0,
+        batch_size=sizes.train_batch,
+        amp=amp,
+        channels_last=True,
+        seed=0,
+    )
     model = model.to(device).to(memory_format=torch.channels_last).train()
     optimizer, criterion = build_optimizer(model, cfg), build_criterion(cfg)
     pool = synthetic_batches(4, sizes.train_batch, sizes.image, device, 1)  # reused batches
@@ -160,8 +193,12 @@ def throughput(model: torch.nn.Module, sizes: Sizes, device: torch.device) -> fl
     data = [pool[i % len(pool)] for i in range(sizes.timed_iters)]
     lr_fn = build_lr_fn(cfg, len(data))
     train_one_epoch(model, criterion, optimizer, warm, device, 0, cfg, lr_fn, None, False)
-    seconds = timed(lambda: train_one_epoch(model, criterion, optimizer, data, device, 1, cfg,
-                                            lr_fn, None, False), device)
+    seconds = timed(
+        lambda: train_one_epoch(
+            model, criterion, optimizer, data, device, 1, cfg, lr_fn, None, False
+        ),
+        device,
+    )
     return sizes.timed_iters * sizes.train_batch / seconds
 
 
@@ -170,14 +207,26 @@ def train_and_latency(sizes: Sizes, device: torch.device) -> list[Row]:
     models = {"unpruned": resnet50(device), f"flops=0.5 (MACs x{ratio})": pruned}
     rows: list[Row] = []
     for label, model in models.items():
-        rows.append(("fine-tune bf16+CL", f"resnet50 {label} b{sizes.train_batch}",
-                     throughput(model, sizes, device), "img/s"))
+        rows.append(
+            (
+                "fine-tune bf16+CL",
+                f"resnet50 {label} b{sizes.train_batch}",
+                throughput(model, sizes, device),
+                "img/s",
+            )
+        )
     for label, model in models.items():
         model.eval()
         for batch in sizes.latency_batches:
-            r = measure_latency(model, (batch, 3, sizes.image, sizes.image), device=device,
-                                warmup=5, repeats=sizes.latency_repeats, channels_last=True,
-                                amp="bf16")
+            r = measure_latency(
+                model,
+                (batch, 3, sizes.image, sizes.image),
+                device=device,
+                warmup=5,
+                repeats=sizes.latency_repeats,
+                channels_last=True,
+                amp="bf16",
+            )
             rows.append(("latency bf16+CL", f"resnet50 {label} b{batch}", r.median_ms, "ms"))
     return rows
 
@@ -191,8 +240,7 @@ PARTS: dict[str, Callable[[Sizes, torch.device], list[Row]]] = {
 
 def table(rows: list[Row], header: str) -> str:
     width = max(len(item) for _, item, _, _ in rows)
-    lines = [header, f"{'section':18s} {'item':{width}s} {'value':>12s}  unit",
-             "-" * (width + 40)]
+    lines = [header, f"{'section':18s} {'item':{width}s} {'value':>12s}  unit", "-" * (width + 40)]
     lines += [f"{sec:18s} {item:{width}s} {value:12.3f}  {unit}" for sec, item, value, unit in rows]
     return "\n".join(lines)
 
@@ -219,9 +267,11 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         rows += PARTS[part](sizes, device)
         print(f"[{part}] {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-    header = (f"chip GPU check on {name}, torch {torch.__version__}"
-              f"{' (SMOKE: tiny sizes, not a benchmark)' if args.smoke else ''}; "
-              f"total {time.perf_counter() - t0:.0f} s")
+    header = (
+        f"chip GPU check on {name}, torch {torch.__version__}"
+        f"{' (SMOKE: tiny sizes, not a benchmark)' if args.smoke else ''}; "
+        f"total {time.perf_counter() - t0:.0f} s"
+    )
     print(table(rows, header))
     if args.json:
         with open(args.json, "w") as f:

@@ -73,13 +73,20 @@ def build(variant: Variant, size: int, seed: int = 0) -> torch.nn.Module:
     graph = find_groups(model, torch.zeros(input_size))
     gen = torch.Generator().manual_seed(seed)
     scores = {g.name: torch.rand(g.channels, generator=gen) for g in graph}
-    p = plan(model, scores, variant.target, round_to=variant.round_to, input_size=input_size,
-             graph=graph)
+    p = plan(
+        model, scores, variant.target, round_to=variant.round_to, input_size=input_size, graph=graph
+    )
     return apply(model, p, inplace=True, graph=graph)
 
 
-def time_models(models: dict[Variant, torch.nn.Module], sizes: dict[str, int], batch: int,
-                rounds: int, warmup: int, repeats: int) -> dict[Variant, float]:
+def time_models(
+    models: dict[Variant, torch.nn.Module],
+    sizes: dict[str, int],
+    batch: int,
+    rounds: int,
+    warmup: int,
+    repeats: int,
+) -> dict[Variant, float]:
     """Median over ``rounds`` interleaved rounds of each model's median latency (ms)."""
     per_round: dict[Variant, list[float]] = {v: [] for v in models}
     for r in range(rounds):
@@ -87,35 +94,57 @@ def time_models(models: dict[Variant, torch.nn.Module], sizes: dict[str, int], b
             size = sizes[v.arch]
             res = measure_latency(model, (batch, 3, size, size), warmup=warmup, repeats=repeats)
             per_round[v].append(res.median_ms)
-            print(f"  round {r + 1}/{rounds} batch {batch:3d} {v.arch:9s} {v.label:28s} "
-                  f"{res.median_ms:10.2f} ms", file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}/{rounds} batch {batch:3d} {v.arch:9s} {v.label:28s} "
+                f"{res.median_ms:10.2f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     return {v: statistics.median(ts) for v, ts in per_round.items()}
 
 
 def table(rows: list[dict], batch: int) -> str:
     """Plain-text table of the measured rows."""
-    head = (f"{'model':9s} {'input':>7s} {'plan':28s} {'params':>11s} {'MACs':>14s} "
-            f"{'MACs ratio':>10s} {'b1 ms':>9s} {f'b{batch} ms':>10s} {'lat b1':>7s} "
-            f"{f'lat b{batch}':>8s}  target")
+    head = (
+        f"{'model':9s} {'input':>7s} {'plan':28s} {'params':>11s} {'MACs':>14s} "
+        f"{'MACs ratio':>10s} {'b1 ms':>9s} {f'b{batch} ms':>10s} {'lat b1':>7s} "
+        f"{f'lat b{batch}':>8s}  target"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        ratios = (f"{r['latency_ratio_b1']:7.3f} {r['latency_ratio_big']:8.3f}  "
-                  f"{'PASS' if r['pass'] else 'FAIL'}" if r["pruned"] else f"{'-':>7s} {'-':>8s}  -")
+        ratios = (
+            f"{r['latency_ratio_b1']:7.3f} {r['latency_ratio_big']:8.3f}  "
+            f"{'PASS' if r['pass'] else 'FAIL'}"
+            if r["pruned"]
+            else f"{'-':>7s} {'-':>8s}  -"
+        )
         lines.append(
             f"{r['model']:9s} {r['input']:>7s} {r['plan']:28s} {r['params']:11,d} {r['macs']:14,d} "
-            f"{r['macs_ratio']:10.3f} {r['latency_b1_ms']:9.2f} {r['latency_big_ms']:10.2f} {ratios}")
+            f"{r['macs_ratio']:10.3f} {r['latency_b1_ms']:9.2f} {r['latency_big_ms']:10.2f} {ratios}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer rounds/repeats and 112x112 ResNet-50 inputs (a rough look)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: torch's own choice)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer rounds/repeats and 112x112 ResNet-50 inputs (a rough look)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's own choice)",
+    )
     ap.add_argument("--batch", type=int, default=64, help="the large batch size (default 64)")
-    ap.add_argument("--image-size", type=int, default=None,
-                    help="ResNet-50 input side (default 224; 112 with --quick)")
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="ResNet-50 input side (default 224; 112 with --quick)",
+    )
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per round (default 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per round (default 3)")
@@ -140,16 +169,29 @@ def main(argv=None) -> int:
         base = Variant(v.arch)
         macs_ratio = counts[v].macs / counts[base].macs
         ratio1, ratio_big = lat1[v] / lat1[base], lat_big[v] / lat_big[base]
-        rows.append(dict(
-            model=v.arch, input=f"{sizes[v.arch]}x{sizes[v.arch]}", plan=v.label,
-            pruned=v.target is not None, params=counts[v].params, macs=counts[v].macs,
-            macs_ratio=macs_ratio, latency_b1_ms=lat1[v], latency_big_ms=lat_big[v],
-            batch=args.batch, latency_ratio_b1=ratio1, latency_ratio_big=ratio_big,
-            **{"pass": ratio_big <= TARGET_FACTOR * macs_ratio}))
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; scores random; "
-          f"{rounds} rounds x {repeats} runs (warm-up {warmup}); latencies = median of round "
-          f"medians; MACs = conv+linear, batch 1; target: latency ratio at batch {args.batch} "
-          f"<= {TARGET_FACTOR} x MACs ratio")
+        rows.append(
+            dict(
+                model=v.arch,
+                input=f"{sizes[v.arch]}x{sizes[v.arch]}",
+                plan=v.label,
+                pruned=v.target is not None,
+                params=counts[v].params,
+                macs=counts[v].macs,
+                macs_ratio=macs_ratio,
+                latency_b1_ms=lat1[v],
+                latency_big_ms=lat_big[v],
+                batch=args.batch,
+                latency_ratio_b1=ratio1,
+                latency_ratio_big=ratio_big,
+                **{"pass": ratio_big <= TARGET_FACTOR * macs_ratio},
+            )
+        )
+    print(
+        f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; scores random; "
+        f"{rounds} rounds x {repeats} runs (warm-up {warmup}); latencies = median of round "
+        f"medians; MACs = conv+linear, batch 1; target: latency ratio at batch {args.batch} "
+        f"<= {TARGET_FACTOR} x MACs ratio"
+    )
     print(table(rows, args.batch))
     if args.json:
         from chip.utils import atomic_write

@@ -30,7 +30,6 @@ K = 2 and K = 10 disjoint subsets, chip / hrank / random) is measured once and c
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -46,15 +45,16 @@ from pathlib import Path
 import torch
 
 from chip.counting import CONVENTION, count
-from chip.data import build_loader, calibration_loader
+from chip.criteria import CRITERIA as CRITERIA_TABLE
+from chip.criteria import score
+from chip.data import build_data, build_loader, calibration_loader
 from chip.models import create
-from chip.pipeline import build_data
 from chip.planning import SPARSITY_LAYOUTS, plan
 from chip.prune import apply
-from chip.train import TrainConfig, evaluate, fit, load_checkpoint
+from chip.train import TrainConfig, evaluate, fit, load_training_state
 from chip.utils import atomic_write, seed_everything
 
-CRITERIA = ("chip", "hrank", "l1", "random")
+CRITERIA = tuple(CRITERIA_TABLE)
 PAPER_STRING = "[0.]+[0.15]*2+[0.4]*27"  # ResNet-56 (n=9): stem, 2 streams, 27 inner rates
 DATA_ROOT = "/usr/share/datasets/fashion-mnist"
 CAL_BATCHES, CAL_BATCH_SIZE = 5, 128
@@ -97,24 +97,11 @@ def targets(arch: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ scoring
 
 
-def _score_fn():
-    """``chip.criteria.score`` (all four criteria) or, until it exists, ``chip.calibrate``."""
-    try:
-        from chip.criteria import score
-    except ImportError:
-        from chip.calibration import calibrate as score
-    return score
-
-
 def score_channels(model, loader, criterion: str, seed: int, device):
-    """Channel scores of ``criterion`` through the library's scoring API."""
-    fn = _score_fn()
-    kwargs = {"criterion": criterion, "num_batches": CAL_BATCHES, "seed": seed,
-              "device": device, "progress": False}
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(model, loader, **kwargs)
+    """Channel scores of ``criterion`` through the library's one scoring entry point."""
+    return score(
+        model, loader, criterion, num_batches=CAL_BATCHES, seed=seed, device=device, progress=False
+    )
 
 
 # ------------------------------------------------------------------------------------- study
@@ -123,8 +110,14 @@ def score_channels(model, loader, criterion: str, seed: int, device):
 class Study:
     """The cached study in ``out_dir``: baseline, cells and the report."""
 
-    def __init__(self, out_dir: Path, settings: Settings, device: torch.device, progress: bool,
-                 data_root: str | Path = DATA_ROOT):
+    def __init__(
+        self,
+        out_dir: Path,
+        settings: Settings,
+        device: torch.device,
+        progress: bool,
+        data_root: str | Path = DATA_ROOT,
+    ):
         self.out_dir, self.s, self.device, self.progress = out_dir, settings, device, progress
         self.data_root = data_root
         self.cells_dir = out_dir / "cells"
@@ -134,14 +127,21 @@ class Study:
     @property
     def data(self):
         if self._data is None:
-            self._data = build_data("fashion-mnist", self.data_root, train_subset=self.s.train_subset,
-                                    val_subset=self.s.val_subset, seed=0)
+            self._data = build_data(
+                "fashion-mnist",
+                self.data_root,
+                train_subset=self.s.train_subset,
+                val_subset=self.s.val_subset,
+                seed=0,
+            )
         return self._data
 
     def loaders(self, seed: int):
         train, val, _ = self.data
-        return (build_loader(train, self.s.batch_size, train=True, seed=seed),
-                build_loader(val, 256, train=False))
+        return (
+            build_loader(train, self.s.batch_size, train=True, seed=seed),
+            build_loader(val, 256, train=False),
+        )
 
     def new_model(self) -> torch.nn.Module:
         seed_everything(0)
@@ -184,7 +184,9 @@ class Study:
         n, t0 = 0, time.perf_counter()
         for _, (x, y) in zip(range(6), batches):
             opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x.to(self.device)), y.to(self.device)).backward()
+            torch.nn.functional.cross_entropy(
+                model(x.to(self.device)), y.to(self.device)
+            ).backward()
             opt.step()
             n += len(x)
         train_s = (time.perf_counter() - t0) / max(n, 1)
@@ -204,10 +206,12 @@ class Study:
         n_cells = len(targets(self.s.arch)) * len(CRITERIA) * self.s.seeds
         cell = self.s.finetune_epochs * pruned_epoch + 2 * len(val) * e["eval_s_per_image"] + 20
         total = self.s.baseline_epochs * epoch + n_cells * cell
-        print(f"estimate: {e['train_s_per_image'] * 1e3:.2f} ms per training image, baseline "
-              f"epoch {epoch / 60:.1f} min x {self.s.baseline_epochs}, {n_cells} cells x "
-              f"{cell / 60:.1f} min -> {total / 3600:.2f} h in all (before cached parts)",
-              flush=True)
+        print(
+            f"estimate: {e['train_s_per_image'] * 1e3:.2f} ms per training image, baseline "
+            f"epoch {epoch / 60:.1f} min x {self.s.baseline_epochs}, {n_cells} cells x "
+            f"{cell / 60:.1f} min -> {total / 3600:.2f} h in all (before cached parts)",
+            flush=True,
+        )
         return total
 
     # -- baseline --------------------------------------------------------------------------------
@@ -217,19 +221,40 @@ class Study:
         record_path = self.out_dir / "baseline.json"
         model = self.new_model()
         if not record_path.is_file():
-            cfg = TrainConfig(epochs=self.s.baseline_epochs, lr=self.s.baseline_lr,
-                              weight_decay=5e-4, warmup_epochs=1, batch_size=self.s.batch_size,
-                              seed=0)
+            cfg = TrainConfig(
+                epochs=self.s.baseline_epochs,
+                lr=self.s.baseline_lr,
+                weight_decay=5e-4,
+                warmup_epochs=1,
+                batch_size=self.s.batch_size,
+                seed=0,
+            )
             train_loader, val_loader = self.loaders(0)
             t0 = time.perf_counter()
-            result = fit(model, train_loader, val_loader, cfg, out, device=self.device,
-                         resume=True, progress=self.progress)
+            result = fit(
+                model,
+                train_loader,
+                val_loader,
+                cfg,
+                out,
+                device=self.device,
+                resume=True,
+                progress=self.progress,
+            )
             counts = count(model, self.input_size)
-            _write_json(record_path, {
-                "arch": self.s.arch, "epochs": cfg.epochs, "best_top1": result["best_top1"],
-                "best_epoch": result["best_epoch"], "params": counts.params, "macs": counts.macs,
-                "seconds": time.perf_counter() - t0})
-        load_checkpoint(out / "best.pt", model)
+            _write_json(
+                record_path,
+                {
+                    "arch": self.s.arch,
+                    "epochs": cfg.epochs,
+                    "best_top1": result["best_top1"],
+                    "best_epoch": result["best_epoch"],
+                    "params": counts.params,
+                    "macs": counts.macs,
+                    "seconds": time.perf_counter() - t0,
+                },
+            )
+        load_training_state(out / "best.pt", model)
         return model.to(self.device).eval(), json.loads(record_path.read_text())
 
     # -- cells -----------------------------------------------------------------------------------
@@ -249,22 +274,38 @@ class Study:
         counts = count(pruned, self.input_size)
         train_loader, val_loader = self.loaders(seed)
         after_prune = evaluate(pruned.to(self.device), val_loader, self.device)["top1"]
-        cfg = TrainConfig(epochs=self.s.finetune_epochs, lr=self.s.finetune_lr, weight_decay=5e-4,
-                          warmup_epochs=0, batch_size=self.s.batch_size, seed=seed)
+        cfg = TrainConfig(
+            epochs=self.s.finetune_epochs,
+            lr=self.s.finetune_lr,
+            weight_decay=5e-4,
+            warmup_epochs=0,
+            batch_size=self.s.batch_size,
+            seed=seed,
+        )
         work = self.out_dir / "work" / f"{target}-{criterion}-seed{seed}"
         shutil.rmtree(work, ignore_errors=True)
-        result = fit(pruned, train_loader, val_loader, cfg, work, device=self.device,
-                     progress=self.progress)
+        result = fit(
+            pruned, train_loader, val_loader, cfg, work, device=self.device, progress=self.progress
+        )
         shutil.rmtree(work, ignore_errors=True)
         if work.parent.is_dir() and not any(work.parent.iterdir()):
             work.parent.rmdir()
         history = result["history"]
-        return {"target": target, "target_spec": p.target, "criterion": criterion, "seed": seed,
-                "params": counts.params, "macs": counts.macs, "widths": p.widths(),
-                "top1_pruned": after_prune, "top1_finetuned": history[-1]["val_top1"],
-                "top1_finetuned_best": result["best_top1"],
-                "finetune_epochs": cfg.epochs, "score_seconds": score_s,
-                "seconds": time.perf_counter() - t0}
+        return {
+            "target": target,
+            "target_spec": p.target,
+            "criterion": criterion,
+            "seed": seed,
+            "params": counts.params,
+            "macs": counts.macs,
+            "widths": p.widths(),
+            "top1_pruned": after_prune,
+            "top1_finetuned": history[-1]["val_top1"],
+            "top1_finetuned_best": result["best_top1"],
+            "finetune_epochs": cfg.epochs,
+            "score_seconds": score_s,
+            "seconds": time.perf_counter() - t0,
+        }
 
     def stability(self, base: torch.nn.Module) -> dict:
         """``chip.stability`` of the baseline's scores per criterion and K (cached)."""
@@ -283,17 +324,31 @@ class Study:
         batches = list(calibration_loader(train, STABILITY_BATCHES, CAL_BATCH_SIZE, seed=0))
         for criterion in STABILITY_CRITERIA:
             for k in ks:
-                report = stability(base, batches, k, num_batches=STABILITY_BATCHES,
-                                   rate=STABILITY_RATE, criterion=criterion, seed=0,
-                                   device=self.device)
+                report = stability(
+                    base,
+                    batches,
+                    k,
+                    num_batches=STABILITY_BATCHES,
+                    rate=STABILITY_RATE,
+                    criterion=criterion,
+                    seed=0,
+                    device=self.device,
+                )
                 rows.append(report.to_dict())
                 s = report.summary()
-                print(f"stability {criterion:6s} k={k:<2d} ({report.samples_per_subset[0]} images "
-                      f"per subset): spearman {s['spearman_mean']:.3f} (min {s['spearman_min']:.3f}), "
-                      f"overlap {s['overlap_mean']:.3f} (min {s['overlap_min']:.3f})", flush=True)
-        result = {"batches": STABILITY_BATCHES, "batch_size": CAL_BATCH_SIZE,
-                  "rate": STABILITY_RATE, "reports": rows,
-                  "seconds": time.perf_counter() - t0}
+                print(
+                    f"stability {criterion:6s} k={k:<2d} ({report.samples_per_subset[0]} images "
+                    f"per subset): spearman {s['spearman_mean']:.3f} (min {s['spearman_min']:.3f}), "
+                    f"overlap {s['overlap_mean']:.3f} (min {s['overlap_min']:.3f})",
+                    flush=True,
+                )
+        result = {
+            "batches": STABILITY_BATCHES,
+            "batch_size": CAL_BATCH_SIZE,
+            "rate": STABILITY_RATE,
+            "reports": rows,
+            "seconds": time.perf_counter() - t0,
+        }
         _write_json(path, result)
         return result
 
@@ -301,8 +356,11 @@ class Study:
         self.check_settings()
         self.print_estimate()
         base, record = self.baseline()
-        print(f"baseline {self.s.arch}: best test top-1 {record['best_top1']:.2f}% "
-              f"(epoch {record['best_epoch']} of {record['epochs']})", flush=True)
+        print(
+            f"baseline {self.s.arch}: best test top-1 {record['best_top1']:.2f}% "
+            f"(epoch {record['best_epoch']} of {record['epochs']})",
+            flush=True,
+        )
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         for target in targets(self.s.arch):
             for criterion in criteria:
@@ -318,9 +376,12 @@ class Study:
                         print(f"skipped {target}/{criterion}: {exc}", flush=True)
                         continue
                     _write_json(path, cell)
-                    print(f"{target:8s} {criterion:6s} seed {seed}: pruned {cell['top1_pruned']:.2f}% "
-                          f"-> fine-tuned {cell['top1_finetuned']:.2f}% "
-                          f"({cell['seconds'] / 60:.1f} min)", flush=True)
+                    print(
+                        f"{target:8s} {criterion:6s} seed {seed}: pruned {cell['top1_pruned']:.2f}% "
+                        f"-> fine-tuned {cell['top1_finetuned']:.2f}% "
+                        f"({cell['seconds'] / 60:.1f} min)",
+                        flush=True,
+                    )
         self.stability(base)
 
 
@@ -348,15 +409,18 @@ def aggregate(cells: list[dict]) -> dict[tuple[str, str], dict]:
             "n": len(group),
             "pruned": _mean_std([c["top1_pruned"] for c in group]),
             "finetuned": _mean_std([c["top1_finetuned"] for c in group]),
-            "params": group[0]["params"], "macs": group[0]["macs"],
+            "params": group[0]["params"],
+            "macs": group[0]["macs"],
             "target_spec": group[0]["target_spec"],
         }
     return out
 
 
 # row of the plot -> (cell key, title, full 0-100 axis?)
-PLOT_ROWS = (("pruned", "right after pruning (no fine-tuning)", True),
-             ("finetuned", "after the fixed-length fine-tune", False))
+PLOT_ROWS = (
+    ("pruned", "right after pruning (no fine-tuning)", True),
+    ("finetuned", "after the fixed-length fine-tune", False),
+)
 
 
 def plot(agg: dict, baseline_top1: float, path: Path) -> None:
@@ -377,8 +441,16 @@ def plot(agg: dict, baseline_top1: float, path: Path) -> None:
             ax = axes[row][col]
             means = [agg[(target, c)][key][0] for c in crit]
             stds = [agg[(target, c)][key][1] for c in crit]
-            ax.errorbar(range(len(crit)), means, yerr=stds, fmt="o", ms=7, capsize=5,
-                        color="#2b7bba", label="mean ± std over seeds")
+            ax.errorbar(
+                range(len(crit)),
+                means,
+                yerr=stds,
+                fmt="o",
+                ms=7,
+                capsize=5,
+                color="#2b7bba",
+                label="mean ± std over seeds",
+            )
             ax.axhline(baseline_top1, color="black", ls="--", lw=1, label="unpruned baseline")
             if full:
                 ax.set_ylim(0, 100)
@@ -390,8 +462,7 @@ def plot(agg: dict, baseline_top1: float, path: Path) -> None:
             ax.set_xticks(range(len(crit)), crit)
             ax.set_xlim(-0.5, len(crit) - 0.5)
             ax.set_ylabel("test top-1 (%)")
-            ax.set_title(f"{target} ({agg[(target, crit[0])]['target_spec']}): {title}",
-                         fontsize=9)
+            ax.set_title(f"{target} ({agg[(target, crit[0])]['target_spec']}): {title}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
         axes[-1][col].set_xlabel("channel score criterion")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -413,9 +484,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def _fmt(ms: tuple[float, float]) -> str:
@@ -431,8 +504,11 @@ def ranking_lines(agg: dict) -> list[str]:
             order = " > ".join(f"{c} {m:.2f}" for c, m in sorted(means, key=lambda r: -r[1]))
             lines.append(f"* `{target}`, {stage}: {order}")
     if any(c == "l1" for _, c in agg):
-        lines += ["", "l1 reads only the weights, so its pruned model is the same for every seed "
-                  "(std 0 right after pruning); the seed still changes its fine-tuning order."]
+        lines += [
+            "",
+            "l1 reads only the weights, so its pruned model is the same for every seed "
+            "(std 0 right after pruning); the seed still changes its fine-tuning order.",
+        ]
     return lines
 
 
@@ -443,7 +519,8 @@ def _num(v) -> str:
 def stability_lines(stab: dict, arch: str) -> list[str]:
     """RESULTS.md section: how much the baseline's scores change with the calibration images."""
     lines = [
-        "", f"## Is {CAL_BATCHES} x {CAL_BATCH_SIZE} images enough? Score stability on the baseline",
+        "",
+        f"## Is {CAL_BATCHES} x {CAL_BATCH_SIZE} images enough? Score stability on the baseline",
         "",
         f"`chip.stability` (what `chip score --stability K` prints) on the {arch} baseline: "
         f"{stab['batches']} x {stab['batch_size']} augmented training images (seed 0) split into K "
@@ -458,22 +535,32 @@ def stability_lines(stab: dict, arch: str) -> list[str]:
     ]
     for r in stab["reports"]:
         sm = r["summary"]
-        lines.append(f"| {r['criterion']} | {r['k']} | {r['samples_per_subset'][0]} | "
-                     f"{_num(sm['spearman_mean'])} | {_num(sm['spearman_min'])} | "
-                     f"{_num(sm['overlap_mean'])} | {_num(sm['overlap_min'])} |")
+        lines.append(
+            f"| {r['criterion']} | {r['k']} | {r['samples_per_subset'][0]} | "
+            f"{_num(sm['spearman_mean'])} | {_num(sm['spearman_min'])} | "
+            f"{_num(sm['overlap_mean'])} | {_num(sm['overlap_min'])} |"
+        )
     chip_k2 = next((r for r in stab["reports"] if r["criterion"] == "chip" and r["k"] == 2), None)
     if chip_k2 is not None:
-        lines += ["", f"Per group, chip, K=2 ({chip_k2['samples_per_subset'][0]} images per "
-                  "subset, the study's calibration size):", "",
-                  "| group | channels | kept | Spearman | kept overlap |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Per group, chip, K=2 ({chip_k2['samples_per_subset'][0]} images per "
+            "subset, the study's calibration size):",
+            "",
+            "| group | channels | kept | Spearman | kept overlap |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for g in chip_k2["groups"]:
-            lines.append(f"| {g['name']} | {g['channels']} | {g['kept']} | "
-                         f"{_num(g['spearman_mean'])} | {_num(g['overlap_mean'])} |")
+            lines.append(
+                f"| {g['name']} | {g['channels']} | {g['kept']} | "
+                f"{_num(g['spearman_mean'])} | {_num(g['overlap_mean'])} |"
+            )
     return lines
 
 
-def write_results(study: Study, results: Path, command: str, gpu_table: Path | None,
-                  report_command: str) -> Path:
+def write_results(
+    study: Study, results: Path, command: str, gpu_table: Path | None, report_command: str
+) -> Path:
     """docs/RESULTS.md (and its plot) from the cached cells."""
     record_path = study.out_dir / "baseline.json"
     if not record_path.is_file():
@@ -486,15 +573,20 @@ def write_results(study: Study, results: Path, command: str, gpu_table: Path | N
     if agg:
         plot(agg, record["best_top1"], figure)
     lines = [
-        "# Results", "",
-        "## Fashion-MNIST study: CHIP vs HRank vs L1 vs random", "",
-        f"Written by `bench/study_fashion_mnist.py` from its cache (`{study.out_dir}`).", "",
-        f"Machine: {machine()}.", "",
+        "# Results",
+        "",
+        "## Fashion-MNIST study: CHIP vs HRank vs L1 vs random",
+        "",
+        f"Written by `bench/study_fashion_mnist.py` from its cache (`{study.out_dir}`).",
+        "",
+        f"Machine: {machine()}.",
+        "",
         f"Baseline: {s.arch} (1 input channel, 10 classes) trained {record['epochs']} epochs on the "
         f"{'full ' if s.train_subset is None else ''}training set; best test top-1 "
         f"**{record['best_top1']:.2f}%** (epoch {record['best_epoch']}), "
         f"{record['params'] / 1e6:.3f}M params, {record['macs'] / 1e6:.2f}M MACs ({CONVENTION}, "
-        f"input 1x28x28); {record['seconds'] / 60:.0f} min.", "",
+        f"input 1x28x28); {record['seconds'] / 60:.0f} min.",
+        "",
         f"Each cell: scores on {CAL_BATCHES} x {CAL_BATCH_SIZE} augmented training images (seeded), "
         f"prune, test top-1, fine-tune {s.finetune_epochs} epoch(s) (SGD, cosine from lr "
         f"{s.finetune_lr}, batch {s.batch_size}, seeded order), test top-1 of the last epoch. "
@@ -502,16 +594,22 @@ def write_results(study: Study, results: Path, command: str, gpu_table: Path | N
         "scores and the fine-tuning order (the baseline is shared). The fine-tune is short on "
         "purpose (the paper fine-tunes CIFAR models for 400 epochs): it measures how much of the "
         "accuracy each criterion's choice keeps and recovers quickly, not the final accuracies "
-        "a long fine-tune reaches.", "",
+        "a long fine-tune reaches.",
+        "",
         f"`sparsity` = the widths of the paper's ResNet-56 `{PAPER_STRING}` written for {s.arch} "
-        f"as `{sparsity_string(s.arch)}`; `flops` = keep at most 50% of the baseline MACs.", "",
+        f"as `{sparsity_string(s.arch)}`; `flops` = keep at most 50% of the baseline MACs.",
+        "",
         "| target | criterion | params | MACs | top-1 after pruning | top-1 after fine-tuning "
         "| seeds |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for (target, crit), a in sorted(agg.items(), key=lambda kv: (kv[0][0], CRITERIA.index(kv[0][1]))):
-        lines.append(f"| {target} | {crit} | {a['params'] / 1e6:.3f}M | {a['macs'] / 1e6:.2f}M | "
-                     f"{_fmt(a['pruned'])} | {_fmt(a['finetuned'])} | {a['n']} |")
+    for (target, crit), a in sorted(
+        agg.items(), key=lambda kv: (kv[0][0], CRITERIA.index(kv[0][1]))
+    ):
+        lines.append(
+            f"| {target} | {crit} | {a['params'] / 1e6:.3f}M | {a['macs'] / 1e6:.2f}M | "
+            f"{_fmt(a['pruned'])} | {_fmt(a['finetuned'])} | {a['n']} |"
+        )
     lines += ranking_lines(agg)
     if agg:
         lines += ["", f"![top-1 per criterion]({figure.name})"]
@@ -520,19 +618,28 @@ def write_results(study: Study, results: Path, command: str, gpu_table: Path | N
     if stab is not None:
         lines += stability_lines(stab, s.arch)
     total = sum(c["seconds"] for c in cells) + record["seconds"] + (stab or {}).get("seconds", 0)
-    lines += ["", f"Compute: {total / 3600:.2f} h for the baseline, {len(cells)} cells"
-              f"{' and the stability check' if stab else ''}.", "",
-              "Commands:", "", "```", command,
-              f"{report_command}   # this file from the cache",
-              "```"]
+    lines += [
+        "",
+        f"Compute: {total / 3600:.2f} h for the baseline, {len(cells)} cells"
+        f"{' and the stability check' if stab else ''}.",
+        "",
+        "Commands:",
+        "",
+        "```",
+        command,
+        f"{report_command}   # this file from the cache",
+        "```",
+    ]
     lines += ["", "## GPU check (`bench/gpu.sh`)", ""]
     if gpu_table is not None:
         lines += ["```", gpu_table.read_text().rstrip(), "```"]
     else:
-        lines += ["Not run for this file: `bench/gpu.sh` (CI speed at the ImageNet shapes, calibrate "
-                  "overhead and AMP/channels_last fine-tuning throughput of ResNet-50, latency at "
-                  "batch 1 and 64) needs a CUDA device, and none was available when this file was "
-                  "written. Its output goes here through `--report-only --gpu-table FILE`."]
+        lines += [
+            "Not run for this file: `bench/gpu.sh` (CI speed at the ImageNet shapes, calibrate "
+            "overhead and AMP/channels_last fine-tuning throughput of ResNet-50, latency at "
+            "batch 1 and 64) needs a CUDA device, and none was available when this file was "
+            "written. Its output goes here through `--report-only --gpu-table FILE`."
+        ]
     results.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(results, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -544,8 +651,12 @@ def write_results(study: Study, results: Path, command: str, gpu_table: Path | N
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out-dir", type=Path, default=Path("runs/study_fashion_mnist"),
-                    help="cache directory (cells, baseline)")
+    ap.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("runs/study_fashion_mnist"),
+        help="cache directory (cells, baseline)",
+    )
     ap.add_argument("--results", type=Path, default=Path("docs/RESULTS.md"))
     ap.add_argument("--arch", default=Settings.arch, choices=["resnet20", "resnet32", "resnet56"])
     ap.add_argument("--baseline-epochs", type=int, default=Settings.baseline_epochs)
@@ -554,14 +665,24 @@ def main(argv=None) -> int:
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--data-root", default=DATA_ROOT,
-                    help=f"Fashion-MNIST IDX files (default: {DATA_ROOT})")
-    ap.add_argument("--report-only", action="store_true", help="only write RESULTS.md from the cache")
-    ap.add_argument("--gpu-table", type=Path, default=None,
-                    help="also put this bench/gpu.sh output into RESULTS.md")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny run (512 images, 1 epoch, 1 seed) into a temp dir; skips criteria "
-                         "the library does not have yet")
+    ap.add_argument(
+        "--data-root", default=DATA_ROOT, help=f"Fashion-MNIST IDX files (default: {DATA_ROOT})"
+    )
+    ap.add_argument(
+        "--report-only", action="store_true", help="only write RESULTS.md from the cache"
+    )
+    ap.add_argument(
+        "--gpu-table",
+        type=Path,
+        default=None,
+        help="also put this bench/gpu.sh output into RESULTS.md",
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run (512 images, 1 epoch, 1 seed) into a temp dir; skips criteria "
+        "the library does not have yet",
+    )
     ap.add_argument("--progress", action="store_true", help="progress bars")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -570,15 +691,20 @@ def main(argv=None) -> int:
         out_dir = Path(tempfile.mkdtemp(prefix="chip_study_smoke_"))
         results = out_dir / "RESULTS.md"
     else:
-        settings = Settings(arch=args.arch, baseline_epochs=args.baseline_epochs,
-                            finetune_epochs=args.finetune_epochs, seeds=args.seeds)
+        settings = Settings(
+            arch=args.arch,
+            baseline_epochs=args.baseline_epochs,
+            finetune_epochs=args.finetune_epochs,
+            seeds=args.seeds,
+        )
         out_dir, results = args.out_dir, args.results
         cached = out_dir / "settings.json"
         if args.report_only and cached.is_file():  # describe the cache, not today's flags
             settings = Settings(**json.loads(cached.read_text()))
     study = Study(out_dir, settings, torch.device(args.device), args.progress, args.data_root)
-    command = shlex.join(["python", "bench/study_fashion_mnist.py",
-                          *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(
+        ["python", "bench/study_fashion_mnist.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     if not args.report_only:
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(out_dir / "command.txt", "w") as f:
@@ -587,10 +713,24 @@ def main(argv=None) -> int:
         study.run(args.criteria, skip_unavailable=args.smoke)
         print(f"study finished in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     ran = out_dir / "command.txt"  # the command that computed the cache
-    report_command = shlex.join(["python", "bench/study_fashion_mnist.py", "--report-only",
-                                 "--out-dir", str(out_dir), "--results", str(results)])
-    path = write_results(study, results, ran.read_text().strip() if ran.is_file() else command,
-                         args.gpu_table, report_command)
+    report_command = shlex.join(
+        [
+            "python",
+            "bench/study_fashion_mnist.py",
+            "--report-only",
+            "--out-dir",
+            str(out_dir),
+            "--results",
+            str(results),
+        ]
+    )
+    path = write_results(
+        study,
+        results,
+        ran.read_text().strip() if ran.is_file() else command,
+        args.gpu_table,
+        report_command,
+    )
     print(f"wrote {path}")
     if args.smoke:
         print(path.read_text())

@@ -25,13 +25,18 @@ def load_script(name: str):
     """Import ``tests/scripts/<name>.py`` (scripts that also run as subprocesses) as a module."""
     return load_module(SCRIPTS / f"{name}.py", f"chip_test_{name}")
 
+
 # a whole `chip run` in a few seconds: ResNet-20 on 48 synthetic 8x8 images
 TINY_RUN = {
     "arch": "resnet20",
     "seed": 0,
     "threads": 1,
-    "data": {"name": "synthetic", "batch_size": 16, "image_size": 8,
-             "options": {"train_size": 48, "val_size": 32, "num_classes": 4}},
+    "data": {
+        "name": "synthetic",
+        "batch_size": 16,
+        "image_size": 8,
+        "options": {"train_size": 48, "val_size": 32, "num_classes": 4},
+    },
     "baseline": {"epochs": 1, "warmup_epochs": 0, "lr": 0.05},
     "calibration": {"batches": 1, "batch_size": 16},
     "target": {"flops": 0.5},

@@ -101,8 +101,9 @@ def test_grouped_conv_keeps_equal_counts_and_same_input_positions():
     assert (conv.groups, conv.in_channels, conv.out_channels) == (4, 12, 12)
     stem_keep, out_keep = p.groups["stem"].keep, p.groups["grouped"].keep
     # the grouped conv reads 4 blocks of 4 inputs: the same positions survive in every block
-    assert [[k % 4 for k in stem_keep if k // 4 == b] for b in range(4)] == [sorted(
-        {k % 4 for k in stem_keep})] * 4
+    assert [[k % 4 for k in stem_keep if k // 4 == b] for b in range(4)] == [
+        sorted({k % 4 for k in stem_keep})
+    ] * 4
     # its output keeps the same number of channels in every block
     assert [sum(k // 4 == b for k in out_keep) for b in range(4)] == [3, 3, 3, 3]
 
@@ -135,8 +136,16 @@ def test_torchvision_resnext_and_regnet_block_prune():
 
 
 def test_group_norm_keeps_equal_counts_per_norm_group():
-    model = _random(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
-                                  nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 36, 3)))
+    model = _random(
+        nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.ReLU(),
+            nn.Conv2d(16, 8, 1),
+            nn.Flatten(),
+            nn.Linear(8 * 36, 3),
+        )
+    )
     p, pruned, err = _prune_and_compare(model, 0.3, (3, 6, 6))
     assert err <= RTOL
     keep = p.groups["0"].keep
@@ -154,8 +163,9 @@ def test_masked_group_norm_is_the_norm_over_kept_channels():
 
     class FakeGraph:  # one group whose member is the norm itself
         def __getitem__(self, name):
-            return chip.groups.ChannelGroup("g", 8, (), (), (chip.groups.Member(
-                "0", torch.arange(8).view(-1, 1), "out", 1),))
+            return chip.groups.ChannelGroup(
+                "g", 8, (), (), (chip.groups.Member("0", torch.arange(8).view(-1, 1), "out", 1),)
+            )
 
     handles = masked_forward_hooks(gn, {"g": removed}, FakeGraph())
     with torch.no_grad():
@@ -177,9 +187,18 @@ def test_masked_group_norm_is_the_norm_over_kept_channels():
 
 
 def test_pixel_shuffle_group_is_kept_whole_with_a_warning():
-    model = _random(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1),
-                                  nn.PixelShuffle(2), nn.Conv2d(4, 8, 1), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Linear(8, 3)))
+    model = _random(
+        nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 1),
+            nn.PixelShuffle(2),
+            nn.Conv2d(4, 8, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
+    )
     with pytest.warns(ChipWarning, match=r"2: its 16 channels do not fit the 4 channels of 4"):
         p = plan(model, None, 0.25, input_size=(1, 3, 8, 8))
     assert "2" in p.skipped and "2" not in p.groups
@@ -225,8 +244,15 @@ def test_shufflenet_prunes_around_its_channel_shuffles():
 
 
 def test_transposed_conv_groups_and_counts():
-    model = _random(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                                  nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+    model = _random(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(8, 4, 2, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(4, 2, 1),
+        )
+    )
     graph = find_groups(model, torch.zeros(1, 3, 4, 4, dtype=torch.float64))
     assert [g.name for g in graph] == ["0", "2"]
     p, pruned, err = _prune_and_compare(model, 0.5, (3, 4, 4))
@@ -274,8 +300,9 @@ def test_densenet_scores_every_group_consumer_pair():
     scores = chip.calibrate(model, [x], num_batches=1, progress=False, graph=graph)
     pairs = sum(len(g.consumers) for g in graph)
     assert pairs > 600 and len(scores.points) == pairs
-    assert all(scores.points[p].numel() == graph[scores.point_group[p]].channels
-               for p in scores.points)
+    assert all(
+        scores.points[p].numel() == graph[scores.point_group[p]].channels for p in scores.points
+    )
 
 
 class SharedHead(nn.Module):
@@ -350,7 +377,9 @@ def test_layer_norm_is_taken_over_the_kept_channels():
     with torch.no_grad():
         y = model.a(x).permute(0, 2, 3, 1)[..., keep]
         mean, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
-        want = (y - mean) / torch.sqrt(var + model.ln.eps) * model.ln.weight[keep] + model.ln.bias[keep]
+        want = (y - mean) / torch.sqrt(var + model.ln.eps) * model.ln.weight[keep] + model.ln.bias[
+            keep
+        ]
         got = pruned.ln(pruned.a(x).permute(0, 2, 3, 1))
     assert torch.allclose(got, want, atol=1e-12)
 
@@ -452,7 +481,7 @@ class WrongScalePruner(chip.groups.PadShortcutPruner):
     """A broken custom pruner: always drops the FIRST channels, whatever it is asked."""
 
     def prune_out_channels(self, layer, idxs):
-        layer.weight = nn.Parameter(layer.weight.data[len(idxs):])
+        layer.weight = nn.Parameter(layer.weight.data[len(idxs) :])
         return layer
 
     prune_in_channels = prune_out_channels
@@ -471,8 +500,16 @@ def wrong_pruner():
 
 
 def _scaled():
-    return _random(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1),
-                                 Scale(8), nn.ReLU(), nn.Conv2d(8, 2, 1)))
+    return _random(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 1),
+            Scale(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 2, 1),
+        )
+    )
 
 
 def test_check_refuses_a_group_a_wrong_pruner_breaks(wrong_pruner):
@@ -503,10 +540,16 @@ def test_skipped_groups_round_trip_and_cannot_be_asked_for(tmp_path):
     p.save(tmp_path / "plan.json")
     assert PruningPlan.load(tmp_path / "plan.json").skipped == p.skipped
     assert "p" in json.loads((tmp_path / "plan.json").read_text())["skipped"]
-    with pytest.raises(ChipError, match="layer 'p' cannot be pruned: its channels pass through"), \
-            pytest.warns(ChipWarning):
+    with (
+        pytest.raises(ChipError, match="layer 'p' cannot be pruned: its channels pass through"),
+        pytest.warns(ChipWarning),
+    ):
         plan(model, None, {"p": 0.5}, input_size=(1, 3, 8, 8))
-    edited = PruningPlan.from_dict({**p.to_dict(), "groups": {
-        **p.to_dict()["groups"], "p": {"channels": 8, "keep": list(range(4))}}})
+    edited = PruningPlan.from_dict(
+        {
+            **p.to_dict(),
+            "groups": {**p.to_dict()["groups"], "p": {"channels": 8, "keep": list(range(4))}},
+        }
+    )
     with pytest.raises(ChipError, match="group 'p' cannot be pruned"):
         apply(model, edited)

@@ -33,7 +33,11 @@ from chip.prune import apply, masked_forward_hooks
 
 # case -> (arch, create kwargs, target or None for unpruned)
 CASES = {
-    "resnet20_pruned": ("resnet20", {}, "[0.]+[0.3]*2+[0.4]*9"),  # stage-1/2 streams: option-A pruned
+    "resnet20_pruned": (
+        "resnet20",
+        {},
+        "[0.]+[0.3]*2+[0.4]*9",
+    ),  # stage-1/2 streams: option-A pruned
     "resnet20_uniform": ("resnet20", {"num_classes": 7}, 0.5),
     "vgg16_bn_pruned": ("vgg16_bn", {}, 0.4),
     "resnet20_unpruned": ("resnet20", {"num_classes": 5, "in_channels": 1}, None),
@@ -111,13 +115,18 @@ FRESH_PROCESS = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def fresh_outputs(saved):
     """Load every artifact in ONE new Python process (torch.load / pickle disabled there)."""
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(saved), *CASES],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(saved), *CASES],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(saved / "outputs.safetensors")
 
 
 # ------------------------------------------------------------------------------------ round trip
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_fresh_process_roundtrip(case, zoo, fresh_outputs):
     _, model, *_, x = zoo[case]
@@ -126,6 +135,7 @@ def test_fresh_process_roundtrip(case, zoo, fresh_outputs):
     assert torch.equal(fresh_outputs[case], expected)
 
 
+@pytest.mark.slow
 def test_fresh_process_rebuilds_pad_shortcuts(zoo, fresh_outputs):
     """The non-persistent src/dst buffers come back from the plan, not from the file."""
     model = zoo[PRUNED_RESNET][1]
@@ -158,16 +168,23 @@ def test_loaded_equals_masked_original(case, zoo, saved):
 
 def test_resave_is_byte_identical(saved, tmp_path):
     path = saved / f"{PRUNED_RESNET}.safetensors"
-    again = save(load(path), tmp_path / "again.safetensors", extra={"case": PRUNED_RESNET, "top1": 0.5})
+    again = save(
+        load(path), tmp_path / "again.safetensors", extra={"case": PRUNED_RESNET, "top1": 0.5}
+    )
     assert again.read_bytes() == path.read_bytes()
 
 
 def test_dtype_and_kwargs_preserved(tmp_path):
-    model = _randomize(M.create("resnet20", num_classes=3), torch.Generator().manual_seed(1)).double()
+    model = _randomize(
+        M.create("resnet20", num_classes=3), torch.Generator().manual_seed(1)
+    ).double()
     path = save(model, tmp_path / "m.safetensors")
     loaded = load(path)
     assert {p.dtype for p in loaded.parameters()} == {torch.float64}
-    assert loaded.chip_arch == "resnet20" and loaded.chip_kwargs == {"num_classes": 3, "in_channels": 3}
+    assert loaded.chip_arch == "resnet20" and loaded.chip_kwargs == {
+        "num_classes": 3,
+        "in_channels": 3,
+    }
     assert all(p.requires_grad for p in loaded.parameters())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -222,7 +239,7 @@ def test_file_is_safetensors_not_pickle(saved, monkeypatch):
     path = saved / f"{PRUNED_RESNET}.safetensors"
     data = path.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
-    assert data[8:9] == b"{" and json.loads(data[8:8 + header_len])["__metadata__"]
+    assert data[8:9] == b"{" and json.loads(data[8 : 8 + header_len])["__metadata__"]
     assert not zipfile.is_zipfile(path)  # torch.save's format
     with safe_open(str(path), "pt") as f:
         header = json.loads(f.metadata()["chip.artifact"])
@@ -279,8 +296,10 @@ TAMPERED = {
     "plan_width": (_drop_one_inner_channel, "do not match the rebuilt model"),
     "plan_indices": (_shift_stream_keep, "buffer 'layer2.0.shortcut"),
     "plan_garbage": (lambda h: h.update(plan={"format": "nope"}), "not a chip pruning plan"),
-    "plan_channels": (lambda h: h["plan"]["groups"]["conv1"].update(channels=17),
-                      "cannot re-apply the stored plan: group 'conv1' has 16 channels"),
+    "plan_channels": (
+        lambda h: h["plan"]["groups"]["conv1"].update(channels=17),
+        "cannot re-apply the stored plan: group 'conv1' has 16 channels",
+    ),
     "other_arch": (lambda h: h.update(arch="resnet32"), "another architecture"),
     "unknown_arch": (lambda h: h.update(arch="resnet999"), "unknown model 'resnet999'"),
     "bad_kwargs": (lambda h: h["kwargs"].update(depth=3), "does not accept the stored kwargs"),
@@ -328,7 +347,10 @@ BAD_FILES = {
     "missing": (lambda p, s: None, "artifact not found"),
     "empty": (lambda p, s: p.write_bytes(b""), "not a chip artifact"),
     "garbage": (lambda p, s: p.write_bytes(os.urandom(4096)), "not a chip artifact"),
-    "json_garbage": (lambda p, s: p.write_bytes((8).to_bytes(8, "little") + b"[1, 2 ]x"), "not a chip artifact"),
+    "json_garbage": (
+        lambda p, s: p.write_bytes((8).to_bytes(8, "little") + b"[1, 2 ]x"),
+        "not a chip artifact",
+    ),
     "torch_pickle": (lambda p, s: _torch_pickle(p), "not a chip artifact"),
     "plain_safetensors": (lambda p, s: _plain_safetensors(p), "no chip metadata"),
     "truncated": (_truncated, "truncated or corrupt"),
@@ -358,7 +380,7 @@ def test_bad_map_location(saved):
 
 
 # ----------------------------------------------------------------------- models outside the zoo
-BUILDER_SOURCE = textwrap.dedent('''
+BUILDER_SOURCE = textwrap.dedent("""
     import torch.nn as nn
 
     def build(width=8, num_classes=4):
@@ -368,7 +390,7 @@ BUILDER_SOURCE = textwrap.dedent('''
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
     not_callable = 3
-''')
+""")
 
 
 @pytest.fixture
@@ -394,8 +416,12 @@ def test_builder_roundtrip(builder_module, tmp_path):
     original = _randomize(module.build(width=8, num_classes=4), torch.Generator().manual_seed(2))
     p = plan(original, None, 0.5, input_size=(1, 3, 8, 8))
     pruned = apply(original, p).eval()
-    path = save(pruned, tmp_path / "m.safetensors", builder=f"{builder_module}:build",
-                builder_kwargs={"width": 8, "num_classes": 4})
+    path = save(
+        pruned,
+        tmp_path / "m.safetensors",
+        builder=f"{builder_module}:build",
+        builder_kwargs={"width": 8, "num_classes": 4},
+    )
     assert load_info(path)["builder"] == f"{builder_module}:build"
     with pytest.raises(ChipError, match="trust_code=True"):
         load(path)
@@ -414,11 +440,17 @@ def test_state_dict_metadata_roundtrip_mnasnet(pruned, tmp_path):
     model = _randomize(torchvision.models.mnasnet0_5(weights=None, num_classes=10), gen)
     if pruned:
         model = apply(model, plan(model, None, 0.3, input_size=(1, 3, 64, 64))).eval()
-    path = save(model, tmp_path / "m.safetensors", builder="torchvision.models:mnasnet0_5",
-                builder_kwargs={"num_classes": 10})
+    path = save(
+        model,
+        tmp_path / "m.safetensors",
+        builder="torchvision.models:mnasnet0_5",
+        builder_kwargs={"num_classes": 10},
+    )
     with safe_open(str(path), "pt") as f:
         header = json.loads(f.metadata()["chip.artifact"])
-    assert header["state_dict_metadata"] == {k: dict(v) for k, v in model.state_dict()._metadata.items()}
+    assert header["state_dict_metadata"] == {
+        k: dict(v) for k, v in model.state_dict()._metadata.items()
+    }
     assert header["state_dict_metadata"][""] == {"version": 2}
     loaded = load(path, trust_code=True)
     assert not loaded.training
@@ -440,12 +472,24 @@ def test_header_without_state_dict_metadata_still_loads(saved, tmp_path):
     assert load_info(path)["arch"] == "resnet20"
 
 
-@pytest.mark.parametrize("metadata", [
-    [["", {"version": 1}]], "version 1", 3, {"": 2}, {"layer1": [1, 2]}, {"": None},
-], ids=["list", "string", "number", "entry_number", "entry_list", "entry_null"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        [["", {"version": 1}]],
+        "version 1",
+        3,
+        {"": 2},
+        {"layer1": [1, 2]},
+        {"": None},
+    ],
+    ids=["list", "string", "number", "entry_number", "entry_list", "entry_null"],
+)
 def test_malformed_state_dict_metadata(metadata, saved, tmp_path):
-    path = _rewrite(saved / f"{PRUNED_RESNET}.safetensors", tmp_path / "t.safetensors",
-                    lambda h: h.update(state_dict_metadata=metadata))
+    path = _rewrite(
+        saved / f"{PRUNED_RESNET}.safetensors",
+        tmp_path / "t.safetensors",
+        lambda h: h.update(state_dict_metadata=metadata),
+    )
     with pytest.raises(ChipError, match="state_dict_metadata is malformed") as err:
         load(path)
     message = str(err.value)
@@ -460,16 +504,23 @@ def test_unserialisable_state_dict_metadata_is_refused_on_save(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("builder, message", [
-    ("no_colon", "expected 'package.module:function'"),
-    ("a.b:c d", "expected 'package.module:function'"),
-    ("chip_no_such_module_xyz:build", "cannot import"),
-    ("{module}:missing", "has no 'missing'"),
-    ("{module}:not_callable", "not callable"),
-])
+@pytest.mark.parametrize(
+    "builder, message",
+    [
+        ("no_colon", "expected 'package.module:function'"),
+        ("a.b:c d", "expected 'package.module:function'"),
+        ("chip_no_such_module_xyz:build", "cannot import"),
+        ("{module}:missing", "has no 'missing'"),
+        ("{module}:not_callable", "not callable"),
+    ],
+)
 def test_bad_builder(builder, message, builder_module, tmp_path):
     with pytest.raises(ChipError, match=message):
-        save(nn.Linear(2, 2), tmp_path / "m.safetensors", builder=builder.format(module=builder_module))
+        save(
+            nn.Linear(2, 2),
+            tmp_path / "m.safetensors",
+            builder=builder.format(module=builder_module),
+        )
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -490,7 +541,9 @@ def test_export_torchscript(method, zoo, tmp_path):
 
 def test_export_torchscript_bad_method(zoo, tmp_path):
     with pytest.raises(ChipError, match="unknown TorchScript method"):
-        export_torchscript(zoo[PRUNED_RESNET][1], tmp_path / "m.pt", zoo[PRUNED_RESNET][-1], method="x")
+        export_torchscript(
+            zoo[PRUNED_RESNET][1], tmp_path / "m.pt", zoo[PRUNED_RESNET][-1], method="x"
+        )
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -520,20 +573,22 @@ def test_export_onnx_without_onnx(zoo, tmp_path, monkeypatch):
 # ------------------------------------------------------- trust_code, the shared state check
 
 
-def test_trust_builder_is_a_deprecated_alias_of_trust_code(builder_module, tmp_path):
+def test_untrusted_builder_is_refused_naming_trust_code(builder_module, tmp_path):
     import importlib
 
     model = importlib.import_module(builder_module).build(width=8, num_classes=4).eval()
-    path = save(model, tmp_path / "m.safetensors", builder=f"{builder_module}:build",
-                builder_kwargs={"width": 8, "num_classes": 4})
-    for flags in ({}, {"trust_code": False}, {"trust_builder": False}):
-        with pytest.raises(ChipError, match=r"trust_code=True \(CLI: --trust-code\)") as err:
+    path = save(
+        model,
+        tmp_path / "m.safetensors",
+        builder=f"{builder_module}:build",
+        builder_kwargs={"width": 8, "num_classes": 4},
+    )
+    for flags in ({}, {"trust_code": False}):
+        with pytest.raises(ChipError, match=r"trust_code=True \(CLI: --trust-code\)"):
             load(path, **flags)
-        assert "trust_builder=" not in str(err.value)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        for flags in ({"trust_code": True}, {"trust_builder": True}):
-            assert torch.equal(load(path, **flags)(x), model(x))
+        assert torch.equal(load(path, trust_code=True)(x), model(x))
 
 
 def test_state_mismatch_reports_each_kind(saved, tmp_path):
@@ -547,8 +602,10 @@ def test_state_mismatch_reports_each_kind(saved, tmp_path):
     with pytest.raises(ChipError) as err:
         load(path)
     msg = str(err.value)
-    assert msg.startswith(f"{path}: stored weights do not match the rebuilt model resnet20 "
-                          "(1 missing, 1 unexpected, 1 of another shape): ")
+    assert msg.startswith(
+        f"{path}: stored weights do not match the rebuilt model resnet20 "
+        "(1 missing, 1 unexpected, 1 of another shape): "
+    )
     assert "missing 1: 'layer2.1.conv1.weight'" in msg and "unexpected 1: 'extra.weight'" in msg
     assert "shape mismatch 1: 'fc.weight' (7, 64) vs model (5, 64)" in msg
     assert msg.endswith("the plan or architecture in the header does not belong to these weights")
@@ -561,7 +618,11 @@ def test_artifact_imports_no_private_names():
     import chip.artifact
 
     tree = ast.parse(open(chip.artifact.__file__).read())
-    private = [f"{node.module}.{alias.name}" for node in ast.walk(tree)
-               if isinstance(node, ast.ImportFrom)
-               for alias in node.names if alias.name.startswith("_") and alias.name != "__version__"]
+    private = [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.name.startswith("_") and alias.name != "__version__"
+    ]
     assert not private

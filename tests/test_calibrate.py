@@ -25,8 +25,9 @@ POOLED_LAST = {
 }
 
 
-@pytest.mark.parametrize("arch,size", [("resnet56", 32), ("resnet110", 32), ("vgg16_bn", 32),
-                                       ("resnet50", 64)])
+@pytest.mark.parametrize(
+    "arch,size", [("resnet56", 32), ("resnet110", 32), ("vgg16_bn", 32), ("resnet50", 64)]
+)
 def test_hook_points_match_reference(arch, size):
     model = chip.models.create(arch)
     example = torch.randn(2, 3, size, size)
@@ -37,7 +38,7 @@ def test_hook_points_match_reference(arch, size):
         ref_last, ours_last = POOLED_LAST[arch]
         ref = [ours_last if r == ref_last else r for r in ref]
     else:  # VGG: the reference does not score conv 13 nor the hidden classifier layer
-        assert ours[len(ref):] == ["flatten", "classifier.relu1"]
+        assert ours[len(ref) :] == ["flatten", "classifier.relu1"]
         ours = ours[: len(ref)]
     assert ours == ref
 
@@ -107,7 +108,10 @@ def test_calibrate_equals_plain_oracle():
             model(x)
     for h in hooks:
         h.remove()
-    oracle = {k: torch.cat([channel_independence_oracle(t) for t in v]).mean(0) for k, v in captured.items()}
+    oracle = {
+        k: torch.cat([channel_independence_oracle(t) for t in v]).mean(0)
+        for k, v in captured.items()
+    }
 
     assert set(scores.points) == {"act0", "act_a", "pool", "fc:input"}
     torch.testing.assert_close(scores.points["act0"], oracle["act0"], rtol=1e-7, atol=1e-9)
@@ -203,7 +207,10 @@ def test_reference_export_import_round_trip(tmp_path):
     graph = find_groups(model, example)
     points = hook_points(model, graph, example)
     g = torch.Generator().manual_seed(0)
-    fake = {p.label: torch.rand(graph[p.group].channels, generator=g, dtype=torch.float64) for p in points}
+    fake = {
+        p.label: torch.rand(graph[p.group].channels, generator=g, dtype=torch.float64)
+        for p in points
+    }
     scores = ChannelScores.from_points(fake, {p.label: p.group for p in points})
     written = scores.export_reference(tmp_path, "resnet56")
     assert len(written) == 54  # 55 reference files minus the pooled last-stage output
@@ -213,6 +220,7 @@ def test_reference_export_import_round_trip(tmp_path):
         assert torch.equal(back.points[label], fake[label])
     # ci_conv3 is layer1.0.relu2 (a block output of the stage-1 stream)
     import numpy as np
+
     assert np.array_equal(np.load(tmp_path / "ci_conv3.npy"), fake["layer1.0.relu2"].numpy())
     with pytest.raises(ChipError, match="no ci_conv"):
         ChannelScores.from_reference(tmp_path / "empty", "resnet56", points)
@@ -227,8 +235,11 @@ def test_reference_points_come_from_the_registry():
     assert reference_points("resnet50")[:2] == ["maxpool", "layer1.0.relu:0"]
     assert reference_points("vgg16_bn")[-1] == "features.relu15"
     for arch in ("resnet20", "tv_resnet18", None):  # the reference code has no CI files for these
-        with pytest.raises(ChipError, match=r"no reference CI layout for arch .*; expected one of "
-                                            r"\['resnet110', 'resnet50', 'resnet56', 'vgg16_bn'\]"):
+        with pytest.raises(
+            ChipError,
+            match=r"no reference CI layout for arch .*; expected one of "
+            r"\['resnet110', 'resnet50', 'resnet56', 'vgg16_bn'\]",
+        ):
             reference_points(arch)
 
 
@@ -241,13 +252,19 @@ def test_registered_arch_reference_round_trip(tmp_path, monkeypatch):
 
     monkeypatch.setattr(registry, "_MODEL_TABLE", dict(registry._MODEL_TABLE))
     labels = ["act0", "act_b", "act_a", "pool", "fc:input"]  # act_b: a point chip does not hook
-    chip.models.register_model("tinynet", input_size=(3, 8, 8), num_classes=4,
-                               reference_points=lambda: labels)(lambda **kw: TinyNet())
+    chip.models.register_model(
+        "tinynet", input_size=(3, 8, 8), num_classes=4, reference_points=lambda: labels
+    )(lambda **kw: TinyNet())
     assert reference_points("tinynet") == labels
     model = chip.models.create("tinynet")
     scores = calibrate(model, _batches(), num_batches=2, progress=False)
     written = scores.export_reference(tmp_path, "tinynet")
-    assert [p.name for p in written] == ["ci_conv1.npy", "ci_conv3.npy", "ci_conv4.npy", "ci_conv5.npy"]
+    assert [p.name for p in written] == [
+        "ci_conv1.npy",
+        "ci_conv3.npy",
+        "ci_conv4.npy",
+        "ci_conv5.npy",
+    ]
     assert np.array_equal(np.load(tmp_path / "ci_conv3.npy"), scores.points["act_a"].numpy())
     example = torch.randn(2, 3, 8, 8)
     points = hook_points(model, find_groups(model, example), example)
@@ -291,8 +308,13 @@ STREAM_SCRIPT = textwrap.dedent("""
 
 
 def _peak_rss_kb(n_batches: int) -> int:
-    out = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, str(n_batches)], check=True,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", STREAM_SCRIPT, str(n_batches)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 

@@ -6,12 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import chip.checkpoint as ckpt
 import chip.models as M
 from chip.checkpoint import (
     check_state_dict,
     extract_state_dict,
-    load_checkpoint,
     load_state_dict_file,
     load_torch_file,
     load_weights,
@@ -203,7 +201,7 @@ def test_not_a_state_dict(tmp_path, obj):
     _error(extract_state_dict, obj)
 
 
-# ----------------------------------------------------------- trust_code, deprecated aliases
+# ------------------------------------------------------------------------------- trust_code
 
 
 def test_trust_code_false_refuses_full_pickle_naming_trust_code(tmp_path, trained):
@@ -215,22 +213,6 @@ def test_trust_code_false_refuses_full_pickle_naming_trust_code(tmp_path, traine
         assert "trust_code=True" in msg and "--trust-code" in msg and "NotATensor" in msg
         assert str(path) in msg and "unsafe_pickle" not in msg
     assert torch.equal(_fresh_output(trained, path, trust_code=True), y)
-
-
-def test_load_checkpoint_alias_maps_to_load_weights(tmp_path, trained, monkeypatch):
-    model, _, y = trained
-    path = tmp_path / "pickled.pt"
-    torch.save({"state_dict": model.state_dict(), "args": NotATensor()}, path)
-    target = M.create("resnet20")
-    assert "trust_code=True" in _error(load_checkpoint, target, path)
-    load_checkpoint(target, path, True, True)  # old positional strict, unsafe_pickle
-    load_checkpoint(target, path, strict=True, unsafe_pickle=True)
-    with torch.no_grad():
-        assert torch.equal(target.eval()(trained[1]), y)
-    calls = []
-    monkeypatch.setattr(ckpt, "load_weights", lambda *a, **k: calls.append((a, k)))
-    load_checkpoint(target, path, False, unsafe_pickle=True)
-    assert calls == [((target, path), {"strict": False, "trust_code": True})]
 
 
 # ----------------------------------------------------------------- the one state-dict check

@@ -68,8 +68,12 @@ def test_matches_oracle(case):
 def test_chunking_does_not_change_result(chunk_size):
     fmaps = _relu(5, 9, 4, 4)
     full = channel_independence(fmaps)
-    torch.testing.assert_close(channel_independence(fmaps, chunk_size=chunk_size), full,
-                               rtol=0, atol=1e-12 * full.max().item())
+    torch.testing.assert_close(
+        channel_independence(fmaps, chunk_size=chunk_size),
+        full,
+        rtol=0,
+        atol=1e-12 * full.max().item(),
+    )
 
 
 def test_closed_forms():
@@ -89,7 +93,7 @@ def test_closed_forms():
 
 def _few_live_rows(n, c, length, live):
     x = torch.zeros(n, c, length, dtype=torch.float64)
-    x[:, 1:1 + live] = torch.randn(n, live, length, dtype=torch.float64).relu()
+    x[:, 1 : 1 + live] = torch.randn(n, live, length, dtype=torch.float64).relu()
     return x
 
 
@@ -174,6 +178,7 @@ def test_duplicating_strictly_lowers_ci():
 
 # ---------------------------------------------------------------- property tests (hypothesis)
 
+
 @st.composite
 def _maps(draw, max_channels=6, max_length=7):
     """Small (1, C, L) float64 maps; some entries zeroed (ReLU-like sparsity)."""
@@ -208,15 +213,17 @@ def test_prop_permutation_equivariance(x, rnd):
     perm = list(range(x.shape[1]))
     rnd.shuffle(perm)
     perm = torch.tensor(perm)
-    torch.testing.assert_close(channel_independence(x[:, perm]), channel_independence(x)[:, perm],
-                               rtol=0, atol=_atol(x))
+    torch.testing.assert_close(
+        channel_independence(x[:, perm]), channel_independence(x)[:, perm], rtol=0, atol=_atol(x)
+    )
 
 
 @PROPS
 @given(_maps(), st.floats(1e-3, 1e3))
 def test_prop_positive_homogeneity(x, t):
-    torch.testing.assert_close(channel_independence(t * x), t * channel_independence(x),
-                               rtol=0, atol=t * _atol(x))
+    torch.testing.assert_close(
+        channel_independence(t * x), t * channel_independence(x), rtol=0, atol=t * _atol(x)
+    )
 
 
 @PROPS
@@ -236,7 +243,7 @@ def test_prop_zero_channel_is_exactly_zero(x, data):
 def test_prop_duplicate_lowers_both_copies(x, data):
     i = data.draw(st.integers(0, x.shape[1] - 1))
     before = channel_independence(x)[0, i]
-    after = channel_independence(torch.cat([x, x[:, i:i + 1]], dim=1))[0]
+    after = channel_independence(torch.cat([x, x[:, i : i + 1]], dim=1))[0]
     assert after[i] <= before + _atol(x)
     assert after[-1] <= before + _atol(x)
     assert abs(after[i] - after[-1]) <= _atol(x)
@@ -251,6 +258,7 @@ def test_prop_matches_oracle(x):
 
 
 # ---------------------------------------------------------------- channel_rank (HRank)
+
 
 def _rank_loop(fmaps):
     out = torch.zeros(fmaps.shape[:2], dtype=torch.float64)
@@ -281,8 +289,9 @@ def test_channel_rank_known_ranks():
     maps = torch.zeros(1, 5, 6, 6, dtype=torch.float64)
     for r in range(5):  # channel r has rank r
         for _ in range(r):
-            maps[0, r] += torch.outer(torch.randn(6, dtype=torch.float64),
-                                      torch.randn(6, dtype=torch.float64))
+            maps[0, r] += torch.outer(
+                torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+            )
     torch.testing.assert_close(channel_rank(maps)[0], torch.arange(5, dtype=torch.float64))
 
 

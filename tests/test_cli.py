@@ -21,8 +21,18 @@ from chip.planning import plan
 from chip.prune import apply
 
 RESNET56_ROWS = ["[0.]+[0.15]*2+[0.4]*27", "[0.]+[0.4]*2+[0.5]*9+[0.6]*9+[0.7]*9"]
-SYNTH = ["--data", "synthetic", "--data-opt", "train_size=48", "--data-opt", "val_size=30",
-         "--data-opt", "num_classes=4", "--data-opt", "image_size=8"]
+SYNTH = [
+    "--data",
+    "synthetic",
+    "--data-opt",
+    "train_size=48",
+    "--data-opt",
+    "val_size=30",
+    "--data-opt",
+    "num_classes=4",
+    "--data-opt",
+    "image_size=8",
+]
 SYNTH_OPTS = dict(train_size=48, val_size=30, num_classes=4, image_size=8)
 
 
@@ -78,15 +88,18 @@ def test_plan_json_resnet56_widths_and_counts(capsys, sparsity):
     assert widths["conv1"] == stream[0] and widths["layer2.0.conv2"] == stream[1]
     assert widths["layer3.0.conv2"] == 64
     assert [widths[f"layer{s}.{b}.conv1"] for s in (1, 2, 3) for b in range(9)] == inner
-    assert (got["base_params"], got["base_macs"]) == resnet_cifar_counts(9, [16, 32, 64], [16] * 9 + [32] * 9 + [64] * 9)
+    assert (got["base_params"], got["base_macs"]) == resnet_cifar_counts(
+        9, [16, 32, 64], [16] * 9 + [32] * 9 + [64] * 9
+    )
     assert (got["params"], got["macs"]) == resnet_cifar_counts(9, stream, inner)
     assert "no --scores" in err
 
 
 def test_plan_table_names_convention_and_writes_plan(capsys, tmp_path):
     out_file = tmp_path / "p.json"
-    code, out, err = run_cli(capsys, "plan", "--arch", "resnet20", "--flops", "0.5",
-                             "--round-to", "4", "--out", out_file)
+    code, out, err = run_cli(
+        capsys, "plan", "--arch", "resnet20", "--flops", "0.5", "--round-to", "4", "--out", out_file
+    )
     assert code == 0
     assert "MACs of conv+linear layers, batch 1" in out and "layer3.2.conv1" in out
     saved = chip.PruningPlan.load(out_file)
@@ -108,9 +121,25 @@ def scored(tmp_path_factory):
             m.running_mean.uniform_(-0.3, 0.3)
             m.weight.data.uniform_(0.5, 1.5)
     torch.save(model.state_dict(), root / "ckpt.pt")
-    code = cli.main(["score", "--arch", "resnet20", "--checkpoint", str(root / "ckpt.pt"), *SYNTH,
-                     "--batches", "2", "--batch-size", "8", "--seed", "3", "--quiet",
-                     "--out", str(root / "scores.safetensors")])
+    code = cli.main(
+        [
+            "score",
+            "--arch",
+            "resnet20",
+            "--checkpoint",
+            str(root / "ckpt.pt"),
+            *SYNTH,
+            "--batches",
+            "2",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+            "--quiet",
+            "--out",
+            str(root / "scores.safetensors"),
+        ]
+    )
     assert code == 0
     return root, model
 
@@ -128,9 +157,24 @@ def test_score_writes_the_library_scores(scored):
 def test_prune_writes_loadable_artifact(capsys, scored, tmp_path):
     root, model = scored
     out = tmp_path / "p.chip"
-    code, text, _ = run_cli(capsys, "prune", "--arch", "resnet20", "--num-classes", "4",
-                            "--input-size", "3,8,8", "--checkpoint", root / "ckpt.pt",
-                            "--scores", root / "scores.safetensors", "--flops", "0.5", "--out", out)
+    code, text, _ = run_cli(
+        capsys,
+        "prune",
+        "--arch",
+        "resnet20",
+        "--num-classes",
+        "4",
+        "--input-size",
+        "3,8,8",
+        "--checkpoint",
+        root / "ckpt.pt",
+        "--scores",
+        root / "scores.safetensors",
+        "--flops",
+        "0.5",
+        "--out",
+        out,
+    )
     assert code == 0 and "MACs" in text
     loaded = chip.load(out)
     scores = ChannelScores.load(root / "scores.safetensors")
@@ -152,8 +196,19 @@ def _eval_oracle(model, dataset) -> float:
 
 def test_eval_json_matches_plain_loop(capsys, scored):
     root, model = scored
-    code, out, _ = run_cli(capsys, "eval", "--arch", "resnet20", "--checkpoint", root / "ckpt.pt",
-                           *SYNTH, "--batch-size", "7", "--json", "--quiet")
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        "--arch",
+        "resnet20",
+        "--checkpoint",
+        root / "ckpt.pt",
+        *SYNTH,
+        "--batch-size",
+        "7",
+        "--json",
+        "--quiet",
+    )
     assert code == 0
     got = json.loads(out)
     _, val, _ = build_datasets("synthetic", **SYNTH_OPTS)
@@ -179,8 +234,19 @@ BAD_ARGS = {
     "unknown-dataset": ["score", "--arch", "resnet20", "--data", "nope", "--out", "{tmp}/s.st"],
     "bad-flag": ["eval", "--model", "x.chip", "--data", "digits", "--frobnicate"],
     "missing-model": ["eval", "--model", "{tmp}/missing.chip", "--data", "digits"],
-    "missing-checkpoint": ["prune", "--arch", "resnet20", "--checkpoint", "{tmp}/no.pt",
-                           "--scores", "{tmp}/no.st", "--rate", "0.3", "--out", "{tmp}/p.chip"],
+    "missing-checkpoint": [
+        "prune",
+        "--arch",
+        "resnet20",
+        "--checkpoint",
+        "{tmp}/no.pt",
+        "--scores",
+        "{tmp}/no.st",
+        "--rate",
+        "0.3",
+        "--out",
+        "{tmp}/p.chip",
+    ],
     "run-missing-config": ["run", "{tmp}/none.yaml"],
 }
 
@@ -199,9 +265,22 @@ def test_user_errors_are_one_line_exit_2(capsys, tmp_path, name):
 def test_prune_error_leaves_no_output(capsys, scored, tmp_path):
     root, _ = scored
     out = tmp_path / "p.chip"
-    code, _, err = run_cli(capsys, "prune", "--arch", "resnet20", "--num-classes", "4",
-                           "--checkpoint", root / "ckpt.pt", "--scores", root / "scores.safetensors",
-                           "--sparsity", "[0.]+[0.5]*2", "--out", out)
+    code, _, err = run_cli(
+        capsys,
+        "prune",
+        "--arch",
+        "resnet20",
+        "--num-classes",
+        "4",
+        "--checkpoint",
+        root / "ckpt.pt",
+        "--scores",
+        root / "scores.safetensors",
+        "--sparsity",
+        "[0.]+[0.5]*2",
+        "--out",
+        out,
+    )
     assert code == 2 and err.startswith("chip: error: sparsity string")
     assert list(tmp_path.iterdir()) == []
 
@@ -217,23 +296,54 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_python_m_chip_real_process():
-    ok = subprocess.run([sys.executable, "-m", "chip", "plan", "--arch", "resnet56", "--sparsity",
-                         RESNET56_ROWS[0], "--json"], capture_output=True, text=True, cwd=REPO,
-                        env=_env(), timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chip",
+            "plan",
+            "--arch",
+            "resnet56",
+            "--sparsity",
+            RESNET56_ROWS[0],
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(),
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["params"] == resnet_cifar_counts(
-        9, [13, 27, 64], [9] * 9 + [19] * 9 + [38] * 9)[0]
-    bad = subprocess.run([sys.executable, "-m", "chip", "plan", "--arch", "resnet56", "--sparsity",
-                          "[0.]+[0.4]"], capture_output=True, text=True, cwd=REPO, env=_env(),
-                         timeout=120)
+    assert (
+        json.loads(ok.stdout)["params"]
+        == resnet_cifar_counts(9, [13, 27, 64], [9] * 9 + [19] * 9 + [38] * 9)[0]
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "chip", "plan", "--arch", "resnet56", "--sparsity", "[0.]+[0.4]"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(),
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("chip: error: ")
 
 
 def _torchrun(*argv, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "chip", *map(str, argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "chip",
+        *map(str, argv),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
 
 
@@ -241,11 +351,45 @@ def _torchrun(*argv, nproc: int = 2) -> subprocess.CompletedProcess:
 def test_torchrun_two_process_finetune_and_exact_eval(capsys, scored, tmp_path):
     root, _ = scored
     pruned = tmp_path / "p.chip"
-    assert cli.main(["prune", "--arch", "resnet20", "--num-classes", "4", "--input-size", "3,8,8",
-                     "--checkpoint", str(root / "ckpt.pt"), "--scores",
-                     str(root / "scores.safetensors"), "--rate", "0.5", "--out", str(pruned)]) == 0
-    ft = _torchrun("finetune", "--model", pruned, *SYNTH, "--epochs", "1", "--warmup-epochs", "0",
-                   "--batch-size", "8", "--out-dir", tmp_path / "ft", "--quiet", "--device", "cpu")
+    assert (
+        cli.main(
+            [
+                "prune",
+                "--arch",
+                "resnet20",
+                "--num-classes",
+                "4",
+                "--input-size",
+                "3,8,8",
+                "--checkpoint",
+                str(root / "ckpt.pt"),
+                "--scores",
+                str(root / "scores.safetensors"),
+                "--rate",
+                "0.5",
+                "--out",
+                str(pruned),
+            ]
+        )
+        == 0
+    )
+    ft = _torchrun(
+        "finetune",
+        "--model",
+        pruned,
+        *SYNTH,
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--batch-size",
+        "8",
+        "--out-dir",
+        tmp_path / "ft",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert ft.returncode == 0, ft.stderr[-2000:]
     assert ft.stdout.count("best val top-1") == 1  # only rank 0 prints
     model_file = tmp_path / "ft" / "model.chip"
@@ -266,9 +410,25 @@ def test_torchrun_two_process_score_equals_single_process(scored, tmp_path):
     single-process scores, and both ranks build the same plan (rank 0 writes the file)."""
     root, _ = scored
     out = tmp_path / "two.safetensors"
-    two = _torchrun("score", "--arch", "resnet20", "--checkpoint", root / "ckpt.pt", *SYNTH,
-                    "--batches", "2", "--batch-size", "8", "--seed", "3", "--quiet",
-                    "--device", "cpu", "--out", out)
+    two = _torchrun(
+        "score",
+        "--arch",
+        "resnet20",
+        "--checkpoint",
+        root / "ckpt.pt",
+        *SYNTH,
+        "--batches",
+        "2",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     one, both = ChannelScores.load(root / "scores.safetensors"), ChannelScores.load(out)
     assert both.num_samples == one.num_samples == 16
@@ -282,9 +442,29 @@ def test_export_subcommand(capsys, scored, tmp_path, fmt):
         pytest.importorskip("onnx", reason="ONNX export needs the onnx package (dev extra)")
     root, _ = scored
     pruned = tmp_path / "p.chip"
-    assert cli.main(["prune", "--arch", "resnet20", "--num-classes", "4", "--input-size", "3,8,8",
-                     "--checkpoint", str(root / "ckpt.pt"), "--scores", str(root / "scores.safetensors"),
-                     "--rate", "0.5", "--out", str(pruned), "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "prune",
+                "--arch",
+                "resnet20",
+                "--num-classes",
+                "4",
+                "--input-size",
+                "3,8,8",
+                "--checkpoint",
+                str(root / "ckpt.pt"),
+                "--scores",
+                str(root / "scores.safetensors"),
+                "--rate",
+                "0.5",
+                "--out",
+                str(pruned),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / ("m.pt" if fmt == "torchscript" else "m.onnx")
     code, stdout, _ = run_cli(capsys, "export", "--model", pruned, "--format", fmt, "--out", out)
     assert code == 0 and out.stat().st_size > 0 and "wrote" in stdout
@@ -294,14 +474,22 @@ def test_export_subcommand(capsys, scored, tmp_path, fmt):
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch
             scripted = torch.jit.load(str(out))
         torch.testing.assert_close(scripted(x), chip.load(pruned)(x))
-    code, _, err = run_cli(capsys, "export", "--model", tmp_path / "none.chip", "--format", fmt,
-                           "--out", tmp_path / "x")
+    code, _, err = run_cli(
+        capsys,
+        "export",
+        "--model",
+        tmp_path / "none.chip",
+        "--format",
+        fmt,
+        "--out",
+        tmp_path / "x",
+    )
     assert code == 2 and err.startswith("chip: error:") and not (tmp_path / "x").exists()
 
 
 def test_download_and_tensorboard_flags_reach_the_library(monkeypatch):
     import chip.data
-    from chip.pipeline import build_data
+    from chip.data import build_data
 
     seen = {}
 
@@ -313,9 +501,11 @@ def test_download_and_tensorboard_flags_reach_the_library(monkeypatch):
     with pytest.raises(chip.ChipError, match="stop here"):
         build_data("cifar10", "/nowhere", download=True)
     assert seen == {"download": True}
-    assert cli.main(["eval", "--arch", "resnet20", "--checkpoint", "x.pt", "--data", "cifar10",
-                     "--download"]) == 2 and seen == {"download": True}
+    assert cli.main(
+        ["eval", "--arch", "resnet20", "--checkpoint", "x.pt", "--data", "cifar10", "--download"]
+    ) == 2 and seen == {"download": True}
     parser = cli.get_args_parser()
-    args = parser.parse_args(["train", "--arch", "resnet20", "--data", "digits", "--out-dir", "o",
-                              "--tensorboard"])
+    args = parser.parse_args(
+        ["train", "--arch", "resnet20", "--data", "digits", "--out-dir", "o", "--tensorboard"]
+    )
     assert cli._train_config(args, cli._train_defaults()).tensorboard is True

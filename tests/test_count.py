@@ -56,8 +56,9 @@ def conv1d_model():
 
 
 def conv3d_model():
-    return nn.Sequential(nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1)), nn.Flatten(),
-                         nn.Linear(4 * 3 * 5 * 5, 7))
+    return nn.Sequential(
+        nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1)), nn.Flatten(), nn.Linear(4 * 3 * 5 * 5, 7)
+    )
 
 
 # name -> (builder, input_size, [(layer name, macs by hand)])
@@ -65,8 +66,11 @@ HAND_CASES = {
     "tiny": (Tiny, (1, 4, 8, 8), TINY_EXPECTED),
     # L=20, k=5, stride 2 -> L_out = (20 - 5) // 2 + 1 = 8
     "conv1d": (conv1d_model, (1, 3, 20), [("0", 6 * 8 * (3 // 3) * 5), ("2", 4 * 8 * 6 * 1)]),
-    "conv3d": (conv3d_model, (1, 2, 3, 5, 5),
-               [("0", 4 * 3 * 5 * 5 * 2 * (1 * 3 * 3)), ("2", 4 * 3 * 5 * 5 * 7)]),
+    "conv3d": (
+        conv3d_model,
+        (1, 2, 3, 5, 5),
+        [("0", 4 * 3 * 5 * 5 * 2 * (1 * 3 * 3)), ("2", 4 * 3 * 5 * 5 * 7)],
+    ),
 }
 
 
@@ -83,10 +87,20 @@ def all_hooks(model: nn.Module) -> int:
 @pytest.mark.parametrize(
     "build, input_size, params, macs",
     [
-        pytest.param(lambda: chip.models.create("resnet56"), (1, 3, 32, 32), 853_018, 125_485_696,
-                     id="resnet56"),
-        pytest.param(lambda: torchvision.models.resnet50(num_classes=1000), (1, 3, 224, 224),
-                     25_557_032, 4_089_184_256, id="resnet50"),
+        pytest.param(
+            lambda: chip.models.create("resnet56"),
+            (1, 3, 32, 32),
+            853_018,
+            125_485_696,
+            id="resnet56",
+        ),
+        pytest.param(
+            lambda: torchvision.models.resnet50(num_classes=1000),
+            (1, 3, 224, 224),
+            25_557_032,
+            4_089_184_256,
+            id="resnet50",
+        ),
     ],
 )
 def test_paper_baselines(build, input_size, params, macs):
@@ -113,8 +127,9 @@ def test_layer_records_shapes_and_own_params():
     model = Tiny()
     layers = count(model, (1, 4, 8, 8)).layers
     by_name = {layer.name: layer for layer in layers}
-    assert by_name["conv"] == LayerCount("conv", "Conv2d", 8 * 2 * 9 + 8, 8 * 8 * 8 * 2 * 9,
-                                         (1, 4, 8, 8), (1, 8, 8, 8))
+    assert by_name["conv"] == LayerCount(
+        "conv", "Conv2d", 8 * 2 * 9 + 8, 8 * 8 * 8 * 2 * 9, (1, 4, 8, 8), (1, 8, 8, 8)
+    )
     assert by_name["rows"].in_shape == (1, 16, 8) and by_name["rows"].out_shape == (1, 16, 6)
     assert [layer.params for layer in layers if layer.name == "shared"] == [8 * 8 + 8] * 2
 
@@ -141,23 +156,28 @@ def test_tied_parameters_counted_once():
 
 def upsampler():
     """Conv2d 3->8 (4x4), ConvTranspose2d 8->4 k2 s2 (4x4 -> 8x8), Conv2d 4->2 1x1 (8x8)."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2),
-                         nn.Conv2d(4, 2, 1))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(4, 2, 1)
+    )
 
 
 def test_transposed_conv_is_counted():
     counts = count(upsampler(), (1, 3, 4, 4))
     # 8*4*4 outputs * 3*3*3 + 8*4*4 inputs * 4*2*2 + 2*8*8 outputs * 4
     assert [(layer.name, layer.macs) for layer in counts.layers] == [
-        ("0", 3_456), ("1", 2_048), ("2", 512)]
+        ("0", 3_456),
+        ("1", 2_048),
+        ("2", 512),
+    ]
     assert counts.macs == 6_016
 
 
 def test_transposed_conv_layer_record():
     model = upsampler()
     layer = count(model, (1, 3, 4, 4)).layers[1]
-    assert layer == LayerCount("1", "ConvTranspose2d", 8 * 4 * 2 * 2 + 4, 2_048,
-                               (1, 8, 4, 4), (1, 4, 8, 8))
+    assert layer == LayerCount(
+        "1", "ConvTranspose2d", 8 * 4 * 2 * 2 + 4, 2_048, (1, 8, 4, 4), (1, 4, 8, 8)
+    )
     assert layer.params == sum(p.numel() for p in model[1].parameters())
 
 
@@ -171,7 +191,8 @@ def transposed_macs_by_definition(c_in, c_out, groups, kernel, in_spatial):
         group = ci // per_group_in
         outs = range(group * per_group_out, (group + 1) * per_group_out)
         for _pos, _co, _offset in itertools.product(
-            itertools.product(*map(range, in_spatial)), outs,
+            itertools.product(*map(range, in_spatial)),
+            outs,
             itertools.product(*map(range, kernel)),
         ):
             macs += 1
@@ -180,15 +201,22 @@ def transposed_macs_by_definition(c_in, c_out, groups, kernel, in_spatial):
 
 # id -> (layer, input_size, hand-written MACs: in_ch * positions * out_ch/groups * kernel volume)
 TRANSPOSED_CASES = {
-    "grouped2d": (lambda: nn.ConvTranspose2d(6, 9, (3, 2), stride=2, padding=1, output_padding=1,
-                                             groups=3),
-                  (1, 6, 5, 7), 6 * (5 * 7) * (9 // 3) * (3 * 2)),
-    "depthwise2d": (lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, groups=4, bias=False),
-                    (1, 4, 3, 3), 4 * (3 * 3) * 1 * (3 * 3)),
-    "1d": (lambda: nn.ConvTranspose1d(3, 5, 4, stride=3, dilation=2), (1, 3, 6),
-           3 * 6 * 5 * 4),
-    "3d": (lambda: nn.ConvTranspose3d(2, 4, (2, 3, 1), stride=(1, 2, 2), groups=2),
-           (1, 2, 2, 3, 4), 2 * (2 * 3 * 4) * (4 // 2) * (2 * 3 * 1)),
+    "grouped2d": (
+        lambda: nn.ConvTranspose2d(6, 9, (3, 2), stride=2, padding=1, output_padding=1, groups=3),
+        (1, 6, 5, 7),
+        6 * (5 * 7) * (9 // 3) * (3 * 2),
+    ),
+    "depthwise2d": (
+        lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, groups=4, bias=False),
+        (1, 4, 3, 3),
+        4 * (3 * 3) * 1 * (3 * 3),
+    ),
+    "1d": (lambda: nn.ConvTranspose1d(3, 5, 4, stride=3, dilation=2), (1, 3, 6), 3 * 6 * 5 * 4),
+    "3d": (
+        lambda: nn.ConvTranspose3d(2, 4, (2, 3, 1), stride=(1, 2, 2), groups=2),
+        (1, 2, 2, 3, 4),
+        2 * (2 * 3 * 4) * (4 // 2) * (2 * 3 * 1),
+    ),
 }
 
 
@@ -197,7 +225,8 @@ def test_transposed_conv_macs_by_definition(case):
     build, input_size, expected = TRANSPOSED_CASES[case]
     layer = build()
     assert expected == transposed_macs_by_definition(
-        layer.in_channels, layer.out_channels, layer.groups, layer.kernel_size, input_size[2:])
+        layer.in_channels, layer.out_channels, layer.groups, layer.kernel_size, input_size[2:]
+    )
     counts = count(nn.Sequential(layer), input_size)
     assert counts.macs == expected
     (record,) = counts.layers
@@ -279,7 +308,6 @@ def test_unavailable_cuda_is_a_user_error(measure):
         measure(Tiny(), (1, 4, 8, 8), device="cuda")
 
 
-
 def test_to_dict_is_json_and_round_trips():
     counts = count(Tiny(), (2, 4, 8, 8))
     data = json.loads(json.dumps(counts.to_dict()))
@@ -294,7 +322,7 @@ def test_table_lists_every_call_and_the_total():
     lines = counts.table().splitlines()
     # header, rule, one row per call, rule, total, convention
     assert len(lines) == len(TINY_EXPECTED) + 5
-    rows = lines[2:2 + len(TINY_EXPECTED)]
+    rows = lines[2 : 2 + len(TINY_EXPECTED)]
     for line, (name, macs) in zip(rows, TINY_EXPECTED, strict=True):
         assert line.split()[0] == name and line.endswith(f"{macs:,}")
     assert lines[-2].startswith("total") and lines[-2].endswith(f"{counts.macs:,}")
@@ -304,8 +332,13 @@ def test_table_lists_every_call_and_the_total():
 
 @pytest.mark.parametrize(
     "n, unit, text",
-    [(853_018, "M", "0.85M"), (125_485_696, "M", "125.49M"), (4_089_184_256, "G", "4.09G"),
-     (1_500, "K", "1.50K"), (0, "M", "0.00M")],
+    [
+        (853_018, "M", "0.853M"),
+        (125_485_696, "M", "125.486M"),
+        (4_089_184_256, "G", "4.089G"),
+        (1_500, "K", "1.500K"),
+        (0, "M", "0.000M"),
+    ],
 )
 def test_format_count(n, unit, text):
     assert format_count(n, unit) == text
@@ -425,8 +458,13 @@ def test_latency_channels_last_and_amp_leave_model_alone(amp):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"), ({"min_time_s": -1.0}, "min_time_s"),
-     ({"amp": "int8"}, "amp"), ({"channels_last": True}, "channels_last")],
+    [
+        ({"repeats": 0}, "repeats"),
+        ({"warmup": -1}, "warmup"),
+        ({"min_time_s": -1.0}, "min_time_s"),
+        ({"amp": "int8"}, "amp"),
+        ({"channels_last": True}, "channels_last"),
+    ],
 )
 def test_latency_bad_arguments(kwargs, match):
     size = (1, 4) if "channels_last" in kwargs else (1, 4, 8, 8)

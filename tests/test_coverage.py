@@ -2,8 +2,8 @@
 builder and a set of timm models go through calibrate -> ``flops=0.5`` -> apply -> forward ->
 float64 preservation against the masked original -> counts -> save, then load in a new process.
 
-Heavy models are marked slow (``make test-fast`` skips them; ``make test`` runs them all); the
-largest share one xdist group, so two workers never hold two of them at once.
+The whole matrix is marked slow (``make test-fast`` skips it; ``make test`` runs it); the
+largest models share one xdist group, so two workers never hold two of them at once.
 """
 
 from __future__ import annotations
@@ -14,14 +14,21 @@ from pathlib import Path
 import pytest
 from helpers import load_module
 
+pytestmark = pytest.mark.slow  # a reload subprocess and large models: make test, not test-fast
 COVERAGE = load_module(Path(__file__).parents[1] / "bench" / "coverage.py", "chip_bench_coverage")
 CASES = COVERAGE.all_cases()
-GIANT = {"torchvision:regnet_y_128gf", "torchvision:vit_h_14", "torchvision:vit_l_16",
-         "torchvision:vit_l_32", "torchvision:regnet_y_32gf", "torchvision:convnext_large"}
+GIANT = {
+    "torchvision:regnet_y_128gf",
+    "torchvision:vit_h_14",
+    "torchvision:vit_l_16",
+    "torchvision:vit_l_32",
+    "torchvision:regnet_y_32gf",
+    "torchvision:convnext_large",
+}
 
 
 def _param(case_id: str):
-    marks = [pytest.mark.slow] if CASES[case_id].slow else []
+    marks = []
     if case_id in GIANT:
         marks.append(pytest.mark.xdist_group("giant"))
     return pytest.param(case_id, marks=marks)
@@ -61,6 +68,6 @@ def test_case_prunes_correctly(case_id, tmp_path, reloader):
     artifact = tmp_path / f"{COVERAGE.slug(case_id)}.chip"
     reloaded = reloader(artifact)
     assert reloaded["error"] <= 1e-12
-    assert "trust_builder=True" in reloaded["untrusted"]  # code named in a file runs only if trusted
+    assert "trust_code=True" in reloaded["untrusted"]  # code named in a file runs only if trusted
     for path in tmp_path.iterdir():  # float64 artifacts of large models: do not keep them around
         path.unlink()

@@ -8,7 +8,7 @@ import torch.nn as nn
 import chip
 from chip import cli
 from chip.calibration import ChannelScores
-from chip.criteria import CRITERION_NAMES, score
+from chip.criteria import CRITERIA, score
 from chip.errors import ChipError
 from chip.groups import find_groups
 from chip.models import create
@@ -26,9 +26,9 @@ class LowRankNet(nn.Module):
         self.fc = nn.Linear(5, 2)
         with torch.no_grad():
             w = torch.randn(4, 3)
-            w[0] = 0          # rank 0
-            w[1, 1:] = 0      # rank 1
-            w[2, 2] = 0       # rank 2
+            w[0] = 0  # rank 0
+            w[1, 1:] = 0  # rank 1
+            w[2, 2] = 0  # rank 2
             self.mix.weight.copy_(w[:, :, None, None])
 
     def forward(self, x):
@@ -63,13 +63,19 @@ def _hrank_oracle(model, images, consumer):
     """Per-sample matrix_rank of every channel of the consumer's input, averaged (the definition)."""
     seen = []
     handle = dict(model.named_modules())[consumer].register_forward_pre_hook(
-        lambda _m, inp: seen.append(inp[0].detach().clone()))
+        lambda _m, inp: seen.append(inp[0].detach().clone())
+    )
     with torch.no_grad():
         model.eval()(images)
     handle.remove()
     fmaps = seen[0]
-    ranks = torch.tensor([[float(torch.linalg.matrix_rank(fmaps[n, c])) for c in range(fmaps.shape[1])]
-                          for n in range(fmaps.shape[0])], dtype=torch.float64)
+    ranks = torch.tensor(
+        [
+            [float(torch.linalg.matrix_rank(fmaps[n, c])) for c in range(fmaps.shape[1])]
+            for n in range(fmaps.shape[0])
+        ],
+        dtype=torch.float64,
+    )
     return ranks.mean(0)
 
 
@@ -77,8 +83,12 @@ def test_hrank_matches_definition():
     model = LowRankNet()
     images = _rank1_images(6)
     scores = score(model, [images[:3], images[3:]], "hrank", num_batches=2)
-    torch.testing.assert_close(scores["mix"], _hrank_oracle(model, images, "conv"), rtol=0, atol=1e-12)
-    torch.testing.assert_close(scores["mix"], torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        scores["mix"], _hrank_oracle(model, images, "conv"), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        scores["mix"], torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    )
     assert scores.meta["criterion"] == "hrank" and scores.num_samples == 6
 
 
@@ -103,9 +113,12 @@ def test_l1_resnet20_streams_skip_the_pad_shortcut():
     stage1 = [model.conv1] + [model.layer1[b].conv2 for b in range(3)]
     torch.testing.assert_close(scores["conv1"], sum(_l1(m) for m in stage1) / 4, rtol=1e-12, atol=0)
     stage2 = [model.layer2[b].conv2 for b in range(3)]  # layer2.0.shortcut has no weights
-    torch.testing.assert_close(scores["layer2.0.conv2"], sum(_l1(m) for m in stage2) / 3,
-                               rtol=1e-12, atol=0)
-    torch.testing.assert_close(scores["layer3.1.conv1"], _l1(model.layer3[1].conv1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        scores["layer2.0.conv2"], sum(_l1(m) for m in stage2) / 3, rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(
+        scores["layer3.1.conv1"], _l1(model.layer3[1].conv1), rtol=1e-12, atol=0
+    )
 
 
 def test_random_is_seeded():
@@ -124,9 +137,12 @@ def test_all_criteria_prune_to_identical_widths(target):
     images = torch.randn(4, 3, 16, 16)
     loader = [images[:2], images[2:]]
     graph = find_groups(model, images[:1])
-    plans = {c: chip.plan(model, score(model, loader, c, num_batches=2, graph=graph), target,
-                          graph=graph)
-             for c in CRITERION_NAMES}
+    plans = {
+        c: chip.plan(
+            model, score(model, loader, c, num_batches=2, graph=graph), target, graph=graph
+        )
+        for c in CRITERIA
+    }
     widths = {c: p.widths() for c, p in plans.items()}
     assert all(w == widths["chip"] for w in widths.values())
     assert any(w < graph[g].channels for g, w in widths["chip"].items())
@@ -134,10 +150,13 @@ def test_all_criteria_prune_to_identical_widths(target):
     assert kept["chip"] != kept["random"] and kept["l1"] != kept["random"]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(criterion="chip"), "needs calibration data"),
-    (dict(criterion="nope", loader=[torch.zeros(1, 3, 8, 8)]), "unknown criterion"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(criterion="chip"), "needs calibration data"),
+        (dict(criterion="nope", loader=[torch.zeros(1, 3, 8, 8)]), "unknown criterion"),
+    ],
+)
 def test_score_errors(kwargs, match):
     with pytest.raises(ChipError, match=match):
         score(TinyResidual(), **kwargs)
@@ -156,7 +175,12 @@ def test_top_level_export():
 
 
 def test_cli_choices_are_the_library_criteria():
-    assert tuple(cli.SCORE_CRITERIA) == CRITERION_NAMES
+    parser = cli.get_args_parser()
+    for name in CRITERIA:
+        args = parser.parse_args(["score", "--arch", "resnet20", "--criterion", name, "--out", "s"])
+        assert args.criterion == name
+    with pytest.raises(ChipError, match="invalid choice: 'nope'.*" + ".*".join(CRITERIA)):
+        parser.parse_args(["score", "--arch", "resnet20", "--criterion", "nope", "--out", "s"])
 
 
 @pytest.mark.parametrize("criterion", ["l1", "random"])
@@ -164,8 +188,22 @@ def test_cli_weight_criteria_need_no_data(capsys, tmp_path, criterion):
     model = create("resnet20")
     torch.save(model.state_dict(), tmp_path / "ckpt.pt")
     out = tmp_path / "s.safetensors"
-    code = cli.main(["score", "--arch", "resnet20", "--checkpoint", str(tmp_path / "ckpt.pt"),
-                     "--criterion", criterion, "--seed", "4", "--quiet", "--out", str(out)])
+    code = cli.main(
+        [
+            "score",
+            "--arch",
+            "resnet20",
+            "--checkpoint",
+            str(tmp_path / "ckpt.pt"),
+            "--criterion",
+            criterion,
+            "--seed",
+            "4",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     got = ChannelScores.load(out)
     ref = score(model, criterion=criterion, seed=4)
@@ -174,12 +212,15 @@ def test_cli_weight_criteria_need_no_data(capsys, tmp_path, criterion):
         torch.testing.assert_close(got[name], vec, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("argv", [
-    ["--criterion", "chip"],
-    ["--criterion", "hrank"],
-    ["--criterion", "l1", "--stability", "2"],
-    ["--criterion", "bogus"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--criterion", "chip"],
+        ["--criterion", "hrank"],
+        ["--criterion", "l1", "--stability", "2"],
+        ["--criterion", "bogus"],
+    ],
+)
 def test_cli_score_errors_are_one_line(capsys, tmp_path, argv):
     code = cli.main(["score", "--arch", "resnet20", *argv, "--out", str(tmp_path / "s.st")])
     _, err = capsys.readouterr()

@@ -23,7 +23,7 @@ from chip.distributed import (
     is_main_process,
     shard_loader,
 )
-from chip.train import evaluate, load_checkpoint
+from chip.train import evaluate, load_training_state
 
 tiny = load_script("tiny")
 
@@ -62,6 +62,7 @@ def test_sharded_eval_sampler_covers_each_index_once(n, world):
     assert padded == -(-n // world) * world  # what the sharded sampler avoids
 
 
+@pytest.mark.slow
 def test_two_process_gloo_fit_and_exact_evaluate(tmp_path):
     """torchrun, 2 CPU processes: fit completes; 2-process eval == 1-process eval (odd n=23)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -77,7 +78,7 @@ def test_two_process_gloo_fit_and_exact_evaluate(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["enabled"]
     assert [r["epoch"] for r in summary["history"]] == [0, 1]
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert load_training_state(tmp_path / "last.pt")["epoch"] == 1
 
     model = tiny.tiny_cnn(7)
     model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))

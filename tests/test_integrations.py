@@ -18,9 +18,15 @@ from chip.models import create
 def tiny_cnn():
     """Plain conv stack with a flatten (2x2 spatial) into the classifier."""
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 10, 3, padding=1), nn.BatchNorm2d(10), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(40, 3),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 10, 3, padding=1),
+        nn.BatchNorm2d(10),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(40, 3),
     )
 
 
@@ -57,8 +63,11 @@ def test_base_pruner_keeps_chips_top_k(calibrated, pass_model):
     expected = chip.apply(original, expected_plan)  # chip's own surgery: tested against masking
 
     pruner = tp.pruner.BasePruner(
-        model, example, importance=CHIPImportance(scores, model if pass_model else None),
-        pruning_ratio=0.5, ignored_layers=[model.get_submodule(fc)],
+        model,
+        example,
+        importance=CHIPImportance(scores, model if pass_model else None),
+        pruning_ratio=0.5,
+        ignored_layers=[model.get_submodule(fc)],
         customized_pruners=dict(CUSTOM_PRUNERS),
     )
     pruner.step()
@@ -92,8 +101,9 @@ def test_partial_group_follows_root_order():
     model = create("resnet20").eval()
     images = torch.randn(2, 3, 16, 16)
     scores = calibrate(model, [images], 1, progress=False)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=images[:1],
-                                               customized_pruners=dict(CUSTOM_PRUNERS))
+    dg = tp.DependencyGraph().build_dependency(
+        model, example_inputs=images[:1], customized_pruners=dict(CUSTOM_PRUNERS)
+    )
     importance = CHIPImportance(scores, model)
     # rooted at a later producer of the stage-1 stream; chip names the group after conv1
     group = dg.get_pruning_group(model.layer1[1].conv2, tp.prune_conv_out_channels, idxs=[5, 2, 9])
@@ -104,8 +114,9 @@ def test_partial_group_follows_root_order():
 
 def test_unmatched_group_is_a_clear_error():
     model = create("resnet20").eval()
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 16, 16),
-                                               customized_pruners=dict(CUSTOM_PRUNERS))
+    dg = tp.DependencyGraph().build_dependency(
+        model, example_inputs=torch.randn(1, 3, 16, 16), customized_pruners=dict(CUSTOM_PRUNERS)
+    )
     importance = CHIPImportance({"some.other.layer": torch.ones(4)}, model)
     group = dg.get_pruning_group(model.conv1, tp.prune_conv_out_channels, idxs=[0, 1])
     with pytest.raises(ChipError, match="no chip group matches"):

@@ -134,7 +134,8 @@ def test_model_info_facts(name):
     assert not hasattr(info, "dataset")
     assert len(info.sparsity) == len(info.sparsity.positions) == positions
     assert info.sparsity.help == SPARSITY_HELP.get(
-        name, f"stem, stage-1 and stage-2 stream rates, one inner rate per block ({positions - 3})")
+        name, f"stem, stage-1 and stage-2 stream rates, one inner rate per block ({positions - 3})"
+    )
     assert all(isinstance(g, tuple) for g in info.sparsity.positions)
     assert (None if info.reference_points is None else len(info.reference_points)) == points
     if name in CIFAR_RESNETS:  # the stem writes the stage-1 stream: position 0 follows position 1
@@ -143,7 +144,8 @@ def test_model_info_facts(name):
         assert info.sparsity.positions[0] == ()
         assert note.message([0.5, 0.15]) == (
             "stem rate 0.5 ignored: the stem writes the stage-1 residual stream, a coupled group "
-            "that takes the stage-1 rate 0.15")
+            "that takes the stage-1 rate 0.15"
+        )
         assert note.message([0.0, 0.15]) is None and note.message([0.15, 0.15]) is None
     else:
         assert info.sparsity.ignored == ()
@@ -156,11 +158,14 @@ def test_resnet50_lives_in_its_own_module():
     assert module.resnet50.__module__ == "chip.models.resnet50"
 
 
-@pytest.mark.parametrize("kwargs,error", [
-    ({"positions": []}, ValueError),
-    ({"positions": [["conv1"], [""]]}, ValueError),
-    ({"positions": [["conv1"]], "ignored": (M.IgnoredRate(0, 1, "x"),)}, ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"positions": []}, ValueError),
+        ({"positions": [["conv1"], [""]]}, ValueError),
+        ({"positions": [["conv1"]], "ignored": (M.IgnoredRate(0, 1, "x"),)}, ValueError),
+    ],
+)
 def test_sparsity_layout_rejects(kwargs, error):
     with pytest.raises(error):
         M.SparsityLayout(**kwargs)
@@ -177,15 +182,16 @@ def test_sparsity_layout_normalises(monkeypatch):
         M.register_model("fake_bad", sparsity=[["a"]])(lambda **kw: None)
     with pytest.raises(ValueError):
         M.register_model("fake_bad", reference_points=["ok", ""])(lambda **kw: None)
-    M.register_model("fake_ok", input_size=[1, 8, 8], reference_points=lambda: ["x"])(lambda **kw: None)
+    M.register_model("fake_ok", input_size=[1, 8, 8], reference_points=lambda: ["x"])(
+        lambda **kw: None
+    )
     info = M.get_model_info("fake_ok")
     assert info.input_size == (1, 8, 8) and info.reference_points == ("x",)
     assert info.sparsity is None and info.num_classes == 10
 
 
-def test_trust_code_and_deprecated_unsafe_pickle(tmp_path):
-    """A checkpoint holding non-tensor objects loads only when trusted; ``unsafe_pickle=`` is the
-    deprecated spelling of ``trust_code=``."""
+def test_trust_code(tmp_path):
+    """A checkpoint holding non-tensor objects loads only when trusted."""
     import argparse
 
     source = M.create("resnet20")
@@ -193,10 +199,9 @@ def test_trust_code_and_deprecated_unsafe_pickle(tmp_path):
     torch.save({"state_dict": source.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(ChipError):
         M.create("resnet20", checkpoint=path)
-    for flag in ({"trust_code": True}, {"unsafe_pickle": True}):
-        model = M.create("resnet20", checkpoint=path, **flag)
-        for key, value in source.state_dict().items():
-            assert torch.equal(model.state_dict()[key], value)
+    model = M.create("resnet20", checkpoint=path, trust_code=True)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
 
 
 # ----------------------------------------------------------------------------- zoo-wide

@@ -79,9 +79,34 @@ def test_parse_sparsity_examples(text, expected):
 
 
 BAD_SPARSITY = [
-    "", "   ", "(0.1)", "{0.1}", "[0.1", "0.1]", "0.1", "[]", "[ ]", "[1.0]", "[1]", "[1.5]*2",
-    "[-0.1]", "[0.1]*0", "[0.1]*-1", "[0.1]*x", "[0.1]*", "[0.1]*2.5", "[0.1]+", "+[0.1]",
-    "[0.1]++[0.2]", "[0.1][0.2]", "[nan]", "[inf]", "[0.1]]", "[[0.1]", "[0.1,0.2]", "[0x1]",
+    "",
+    "   ",
+    "(0.1)",
+    "{0.1}",
+    "[0.1",
+    "0.1]",
+    "0.1",
+    "[]",
+    "[ ]",
+    "[1.0]",
+    "[1]",
+    "[1.5]*2",
+    "[-0.1]",
+    "[0.1]*0",
+    "[0.1]*-1",
+    "[0.1]*x",
+    "[0.1]*",
+    "[0.1]*2.5",
+    "[0.1]+",
+    "+[0.1]",
+    "[0.1]++[0.2]",
+    "[0.1][0.2]",
+    "[nan]",
+    "[inf]",
+    "[0.1]]",
+    "[[0.1]",
+    "[0.1,0.2]",
+    "[0x1]",
 ]
 
 
@@ -109,8 +134,10 @@ def sparsity_strings(draw):
             rate_text, value = "0.", 0.0
         if draw(st.booleans()):
             n = draw(st.integers(1, 40))
-            terms.append(f"{draw(_SPACE)}[{draw(_SPACE)}{rate_text}{draw(_SPACE)}]"
-                         f"{draw(_SPACE)}*{draw(_SPACE)}{n}{draw(_SPACE)}")
+            terms.append(
+                f"{draw(_SPACE)}[{draw(_SPACE)}{rate_text}{draw(_SPACE)}]"
+                f"{draw(_SPACE)}*{draw(_SPACE)}{n}{draw(_SPACE)}"
+            )
             expected += [value] * n
         else:
             terms.append(f"{draw(_SPACE)}[{rate_text}]{draw(_SPACE)}")
@@ -146,22 +173,37 @@ def test_parse_sparsity_garbage_near_grammar(text):
     _parse_or_chip_error(text)
 
 
-@pytest.mark.parametrize("target,kind,value", [
-    (0.3, "uniform", 0.3),
-    ("0.3", "uniform", 0.3),
-    ("flops=0.5", "budget", ("macs", 0.5)),
-    (" macs = 0.25 ", "budget", ("macs", 0.25)),
-    ("params=0.6", "budget", ("params", 0.6)),
-    ({"params": 0.6}, "budget", ("params", 0.6)),
-    ({"layer1.0.conv1": 0.5}, "layers", {"layer1.0.conv1": 0.5}),
-    ("[0.]+[0.4]*2", "sparsity", "[0.]+[0.4]*2"),
-])
+@pytest.mark.parametrize(
+    "target,kind,value",
+    [
+        (0.3, "uniform", 0.3),
+        ("0.3", "uniform", 0.3),
+        ("flops=0.5", "budget", ("macs", 0.5)),
+        (" macs = 0.25 ", "budget", ("macs", 0.25)),
+        ("params=0.6", "budget", ("params", 0.6)),
+        ({"params": 0.6}, "budget", ("params", 0.6)),
+        ({"layer1.0.conv1": 0.5}, "layers", {"layer1.0.conv1": 0.5}),
+        ("[0.]+[0.4]*2", "sparsity", "[0.]+[0.4]*2"),
+    ],
+)
 def test_parse_target(target, kind, value):
     assert parse_target(target) == (kind, value)
 
 
-@pytest.mark.parametrize("target", [1.0, -0.1, "flops=0", "flops=1.5", "flops=x", "bogus", True,
-                                    None, {"flops": 0.5, "params": 0.5}])
+@pytest.mark.parametrize(
+    "target",
+    [
+        1.0,
+        -0.1,
+        "flops=0",
+        "flops=1.5",
+        "flops=x",
+        "bogus",
+        True,
+        None,
+        {"flops": 0.5, "params": 0.5},
+    ],
+)
 def test_parse_target_rejects(target):
     with pytest.raises(ChipError, match="expected|not several"):
         parse_target(target)
@@ -201,12 +243,15 @@ def test_vgg_sparsity_prunes_first_12_convs():
     assert {n for n, g in p.groups.items() if g.kept < g.channels} == set(convs[:12])
 
 
-@pytest.mark.parametrize("arch,text,expected", [
-    ("resnet56", "[0.1]*29", 30),
-    ("resnet56", "[0.1]*31", 30),
-    ("resnet50", "[0.1]*19", 20),
-    ("vgg16_bn", "[0.1]*13", 12),
-])
+@pytest.mark.parametrize(
+    "arch,text,expected",
+    [
+        ("resnet56", "[0.1]*29", 30),
+        ("resnet56", "[0.1]*31", 30),
+        ("resnet50", "[0.1]*19", 20),
+        ("vgg16_bn", "[0.1]*13", 12),
+    ],
+)
 def test_sparsity_wrong_length(arch, text, expected):
     model, graph, size = model_and_graph(arch)
     with pytest.raises(ChipError, match=f"expected exactly {expected}"):
@@ -226,8 +271,10 @@ def test_differing_stem_rate_warns_and_follows_stream():
     assert p.widths()["conv1"] == 12  # the stage-1 stream rate, not the stem's
 
 
-STEM_WARNING = ("stem rate 0.5 ignored: the stem writes the stage-1 residual stream, a coupled group "
-                "that takes the stage-1 rate 0.15")
+STEM_WARNING = (
+    "stem rate 0.5 ignored: the stem writes the stage-1 residual stream, a coupled group "
+    "that takes the stage-1 rate 0.15"
+)
 
 
 def _rate_warnings(record) -> list[str]:
@@ -250,8 +297,9 @@ def test_stem_rate_warning_resnet56():
         assert _rate_warnings(record) == []
 
 
-@pytest.mark.parametrize("arch,text", [("vgg16_bn", "[0.5]+[0.15]+[0.1]*10"),
-                                       ("resnet50", "[0.5]+[0.15]*3+[0.35]*16")])
+@pytest.mark.parametrize(
+    "arch,text", [("vgg16_bn", "[0.5]+[0.15]+[0.1]*10"), ("resnet50", "[0.5]+[0.15]*3+[0.35]*16")]
+)
 def test_no_stem_rate_warning_without_ignored_rate(arch, text):
     """VGG-16-BN and ResNet-50 prune their stem at its own rate: no warning, the rate applies."""
     model, graph, size = model_and_graph(arch)
@@ -306,10 +354,17 @@ def fake_arch(monkeypatch):
     layout = M.SparsityLayout(
         positions=lambda: [["conv1"], ["conv2", "conv3"], []],
         help=FAKE_HELP,
-        ignored=(M.IgnoredRate(2, 1, "unused rate {rate} ignored: conv2/conv3 take {follows_rate}"),),
+        ignored=(
+            M.IgnoredRate(2, 1, "unused rate {rate} ignored: conv2/conv3 take {follows_rate}"),
+        ),
     )
-    M.register_model("fake_net", input_size=(3, 16, 16), num_classes=5, sparsity=layout,
-                     reference_points=["act1", "act2", "flatten"])(FakeNet)
+    M.register_model(
+        "fake_net",
+        input_size=(3, 16, 16),
+        num_classes=5,
+        sparsity=layout,
+        reference_points=["act1", "act2", "flatten"],
+    )(FakeNet)
     return "fake_net"
 
 
@@ -339,8 +394,11 @@ def test_registered_arch_without_layout_is_refused(monkeypatch):
     monkeypatch.setattr(registry, "_MODEL_TABLE", dict(registry._MODEL_TABLE))
     M.register_model("fake_plain", input_size=(3, 16, 16))(FakeNet)
     assert "fake_plain" not in SPARSITY_LAYOUTS
-    with pytest.raises(ChipError, match=r"sparsity strings need a zoo architecture \(.*resnet56.*\), "
-                                         r"got 'fake_plain'"):
+    with pytest.raises(
+        ChipError,
+        match=r"sparsity strings need a zoo architecture \(.*resnet56.*\), "
+        r"got 'fake_plain'",
+    ):
         plan(M.create("fake_plain"), None, "[0.1]*3")
     assert plan(M.create("fake_plain"), None, 0.5).widths()["conv1"] == 4  # rates still work
 
@@ -348,10 +406,13 @@ def test_registered_arch_without_layout_is_refused(monkeypatch):
 # -- counts (docs/method.md section 4) -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,params,macs", [
-    ("resnet56", 853_018, 125_485_696),
-    ("resnet50", 25_557_032, 4_089_184_256),
-])
+@pytest.mark.parametrize(
+    "arch,params,macs",
+    [
+        ("resnet56", 853_018, 125_485_696),
+        ("resnet50", 25_557_032, 4_089_184_256),
+    ],
+)
 def test_baselines(arch, params, macs):
     model, graph, size = model_and_graph(arch)
     stats = plan(model, None, 0.0, graph=graph).stats
@@ -369,8 +430,11 @@ def _bn_output_elements(model: nn.Module, size) -> int:
         nonlocal total
         total += out[0].numel()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     with torch.no_grad():
         model(torch.zeros(size))
     for h in handles:
@@ -422,8 +486,9 @@ def test_paper_row_resnet50():
 
 
 @pytest.mark.parametrize("arch", ["resnet56", "tv_resnet18"])
-@pytest.mark.parametrize("target,key,fraction", [("flops=0.5", "macs_kept", 0.5),
-                                                 ("params=0.6", "params_kept", 0.6)])
+@pytest.mark.parametrize(
+    "target,key,fraction", [("flops=0.5", "macs_kept", 0.5), ("params=0.6", "params_kept", 0.6)]
+)
 def test_budget_lands_on_target(arch, target, key, fraction):
     model, graph, size = model_and_graph(arch)
     stats = plan(model, None, target, graph=graph, input_size=size).stats
@@ -441,8 +506,9 @@ def test_impossible_budget(target):
         plan(model, None, target, graph=graph)
 
 
-@pytest.mark.parametrize("arch,target", [("resnet56", "flops=0.5"), ("tv_resnet18", 0.3),
-                                         ("tv_mobilenet_v2", 0.45)])
+@pytest.mark.parametrize(
+    "arch,target", [("resnet56", "flops=0.5"), ("tv_resnet18", 0.3), ("tv_mobilenet_v2", 0.45)]
+)
 def test_round_to(arch, target):
     model, graph, size = model_and_graph(arch)
     p = plan(model, None, target, graph=graph, input_size=size, round_to=8)
@@ -454,8 +520,14 @@ def test_round_to(arch, target):
 
 def test_round_to_small_groups_keep_full_width():
     """Groups with at most ``round_to`` channels cannot be rounded: they keep every channel."""
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Conv2d(6, 24, 3), nn.ReLU(), nn.Conv2d(24, 4, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 24, 3),
+        nn.ReLU(),
+        nn.Conv2d(24, 4, 1),
+    ).eval()
     p = plan(model, None, 0.75, input_size=(1, 3, 8, 8), round_to=8)
     assert p.widths() == {"0": 6, "3": 8}  # 24 * 0.25 = 6 -> 8; 6 <= 8 stays whole
 
@@ -475,20 +547,25 @@ def _random_target(graph, rng: random.Random):
     return {n: round(rng.uniform(0.0, 0.9), 3) for n in rng.sample(names, max(1, len(names) // 2))}
 
 
-@pytest.mark.parametrize("arch,seed,round_to", [
-    ("resnet20", 0, 1),
-    ("resnet20", 1, 4),
-    ("vgg16_bn", 2, 1),
-    ("tv_resnet18", 3, 8),
-    ("tv_mobilenet_v2", 4, 1),
-])
+@pytest.mark.parametrize(
+    "arch,seed,round_to",
+    [
+        ("resnet20", 0, 1),
+        ("resnet20", 1, 4),
+        ("vgg16_bn", 2, 1),
+        ("tv_resnet18", 3, 8),
+        ("tv_mobilenet_v2", 4, 1),
+    ],
+)
 def test_width_counter_matches_surgery(arch, seed, round_to):
     model, graph, size = fresh(arch)
     rng = random.Random(seed)
-    scores = {g.name: torch.rand(g.channels, generator=torch.Generator().manual_seed(seed))
-              for g in graph}
-    p = plan(model, scores, _random_target(graph, rng), graph=graph, input_size=size,
-             round_to=round_to)
+    scores = {
+        g.name: torch.rand(g.channels, generator=torch.Generator().manual_seed(seed)) for g in graph
+    }
+    p = plan(
+        model, scores, _random_target(graph, rng), graph=graph, input_size=size, round_to=round_to
+    )
     assert p.stats["params"] < p.stats["base_params"]
     pruned = apply(model, p, inplace=True, graph=graph)
     counts = count(pruned, size)
@@ -547,10 +624,25 @@ def _corrupt(d: dict, how: str) -> object:
     return d
 
 
-@pytest.mark.parametrize("how", ["format", "no_groups", "groups_list", "group_not_dict", "no_keep",
-                                 "keep_unsorted", "keep_duplicate", "keep_out_of_range",
-                                 "keep_negative", "keep_empty", "keep_text", "stats_number",
-                                 "input_size_text", "top_level_list"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "format",
+        "no_groups",
+        "groups_list",
+        "group_not_dict",
+        "no_keep",
+        "keep_unsorted",
+        "keep_duplicate",
+        "keep_out_of_range",
+        "keep_negative",
+        "keep_empty",
+        "keep_text",
+        "stats_number",
+        "input_size_text",
+        "top_level_list",
+    ],
+)
 def test_malformed_plan_file(tmp_path, how):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(_corrupt(_small_plan().to_dict(), how)))
@@ -581,8 +673,13 @@ _TINY_GRAPH = find_groups(_TINY, torch.zeros(1, 3, 4, 4))
 @given(st.lists(st.integers(0, 3), min_size=10, max_size=10), st.integers(0, 9))
 def test_kept_is_top_k_with_low_index_ties(values, removed):
     scores = [float(v) for v in values]
-    p = plan(_TINY, {"0": torch.tensor(scores)}, {"0": removed / 10}, graph=_TINY_GRAPH,
-             input_size=(1, 3, 4, 4))
+    p = plan(
+        _TINY,
+        {"0": torch.tensor(scores)},
+        {"0": removed / 10},
+        graph=_TINY_GRAPH,
+        input_size=(1, 3, 4, 4),
+    )
     # k = int(C * (1 - rate)) in floats, as the reference: 10 * (1 - 0.8) = 1.999... keeps 1
     k = max(1, int(10 * (1 - removed / 10)))
     assert p.groups["0"].keep == _top_k_oracle(scores, k)
@@ -619,12 +716,15 @@ def test_layer_mapping_by_producer_name():
     assert {n: g.kept for n, g in p.groups.items() if g.kept < g.channels} == {"conv1": 12}
 
 
-@pytest.mark.parametrize("mapping,match", [
-    ({"layer9.0.conv1": 0.5}, "not a prunable layer"),
-    ({"fc": 0.5}, "not a prunable layer"),
-    ({"layer1.0.conv1": 1.5}, "outside"),
-    ({"layer1.0.conv1": "flops=0.5"}, "must be a number"),
-])
+@pytest.mark.parametrize(
+    "mapping,match",
+    [
+        ({"layer9.0.conv1": 0.5}, "not a prunable layer"),
+        ({"fc": 0.5}, "not a prunable layer"),
+        ({"layer1.0.conv1": 1.5}, "outside"),
+        ({"layer1.0.conv1": "flops=0.5"}, "must be a number"),
+    ],
+)
 def test_layer_mapping_rejects(mapping, match):
     model, graph, size = model_and_graph("resnet20")
     with pytest.raises(ChipError, match=match):

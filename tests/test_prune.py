@@ -40,8 +40,9 @@ def _tv_vgg16_bn() -> nn.Module:
     for m in model.features.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
-    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(),
-                                     nn.Linear(64, 10))
+    model.classifier = nn.Sequential(
+        nn.Linear(512 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 10)
+    )
     return model
 
 
@@ -75,8 +76,7 @@ def _randomise(model: nn.Module, gen: torch.Generator) -> nn.Module:
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer (persistent or not), cloned."""
-    return {k: v.detach().clone() for k, v in
-            [*model.named_parameters(), *model.named_buffers()]}
+    return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,9 +91,15 @@ def prepared(case: str) -> dict:
     p = plan(model, scores, target, graph=graph, input_size=input_size)
     before = _state(model)
     pruned = apply(model, p)
-    return dict(model=model, graph=graph, plan=p, pruned=pruned, before=before,
-                input_size=input_size, x=torch.randn(2, 3, size, size, generator=gen,
-                                                    dtype=torch.float64))
+    return dict(
+        model=model,
+        graph=graph,
+        plan=p,
+        pruned=pruned,
+        before=before,
+        input_size=input_size,
+        x=torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
@@ -158,8 +164,10 @@ def test_pad_shortcut_renumbered_after_pruning():
     p, pruned = c["plan"], c["pruned"]
     k1, k2, k3 = (p.groups[g].keep for g in ("conv1", "layer2.0.conv2", "layer3.0.conv2"))
     assert (len(k1), len(k2), len(k3)) == (11, 22, 64)
-    for sc, src_keep, dst_keep, pad in [(pruned.layer2[0].shortcut, k1, k2, 8),
-                                        (pruned.layer3[0].shortcut, k2, k3, 16)]:
+    for sc, src_keep, dst_keep, pad in [
+        (pruned.layer2[0].shortcut, k1, k2, 8),
+        (pruned.layer3[0].shortcut, k2, k3, 16),
+    ]:
         pairs = list(zip(sc.src.tolist(), sc.dst.tolist()))
         assert pairs == _pad_pairs(src_keep, dst_keep, pad)
         assert (sc.in_channels, sc.out_channels) == (len(src_keep), len(dst_keep))
@@ -180,8 +188,11 @@ def test_pad_shortcut_pruner_order_independent(out_first):
     assert list(zip(sc.src.tolist(), sc.dst.tolist())) == _pad_pairs(src_keep, dst_keep, 3)
     x = torch.randn(1, 6, 4, 4)
     full = PadShortcut(6, 12)(x)
-    assert torch.equal(sc(x[:, src_keep]), full[:, dst_keep] * torch.isin(
-        torch.tensor(dst_keep), torch.tensor(src_keep) + 3).view(1, -1, 1, 1))
+    assert torch.equal(
+        sc(x[:, src_keep]),
+        full[:, dst_keep]
+        * torch.isin(torch.tensor(dst_keep), torch.tensor(src_keep) + 3).view(1, -1, 1, 1),
+    )
 
 
 # -- coupled channels -----------------------------------------------------------------------------
@@ -201,12 +212,17 @@ def test_coupled_stream_shares_one_kept_set():
     assert [b.num_features for b in norms] == [n] * 10
     assert [r.in_channels for r in readers] == [n] * 10
     keep_inner = p.groups["layer1.0.conv1"].keep
-    assert torch.equal(pruned.layer1[0].conv2.weight,
-                       orig.layer1[0].conv2.weight[keep_stream][:, keep_inner])
-    assert torch.equal(pruned.layer1[3].bn2.running_var, orig.layer1[3].bn2.running_var[keep_stream])
+    assert torch.equal(
+        pruned.layer1[0].conv2.weight, orig.layer1[0].conv2.weight[keep_stream][:, keep_inner]
+    )
+    assert torch.equal(
+        pruned.layer1[3].bn2.running_var, orig.layer1[3].bn2.running_var[keep_stream]
+    )
     assert torch.equal(pruned.conv1.weight, orig.conv1.weight[keep_stream])
-    assert torch.equal(pruned.layer2[0].conv1.weight,
-                       orig.layer2[0].conv1.weight[p.groups["layer2.0.conv1"].keep][:, keep_stream])
+    assert torch.equal(
+        pruned.layer2[0].conv1.weight,
+        orig.layer2[0].conv1.weight[p.groups["layer2.0.conv1"].keep][:, keep_stream],
+    )
 
 
 def test_stage3_stream_into_fc():
@@ -224,8 +240,10 @@ def test_flatten_into_linear_keeps_spread_columns():
     last = c["graph"].group_of("features.40", "out")
     keep = c["plan"].groups[last].keep
     cols = torch.tensor([ch * 49 + j for ch in keep for j in range(49)])
-    assert torch.equal(c["pruned"].classifier[0].weight,
-                       c["model"].classifier[0].weight[c["plan"].groups["classifier.0"].keep][:, cols])
+    assert torch.equal(
+        c["pruned"].classifier[0].weight,
+        c["model"].classifier[0].weight[c["plan"].groups["classifier.0"].keep][:, cols],
+    )
 
 
 # -- wrong model ----------------------------------------------------------------------------------
@@ -237,10 +255,13 @@ def test_already_pruned_model_rejected():
         apply(c["pruned"], c["plan"])
 
 
-@pytest.mark.parametrize("other", [
-    lambda: M.create("vgg16_bn"),
-    lambda: M.create("resnet56"),  # has every group of resnet20, with the same widths
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda: M.create("vgg16_bn"),
+        lambda: M.create("resnet56"),  # has every group of resnet20, with the same widths
+    ],
+)
 def test_other_architecture_rejected(other):
     p = prepared("resnet20-rate")["plan"]
     with pytest.raises(ChipError, match="another architecture"):

@@ -34,8 +34,10 @@ def _vectors(kind, n=40):
     g = torch.Generator().manual_seed(n)
     table = {
         "continuous": lambda: (torch.randn(n, generator=g), torch.randn(n, generator=g)),
-        "ties": lambda: (torch.randint(0, 5, (n,), generator=g).double(),
-                         torch.randint(0, 3, (n,), generator=g).double()),
+        "ties": lambda: (
+            torch.randint(0, 5, (n,), generator=g).double(),
+            torch.randint(0, 3, (n,), generator=g).double(),
+        ),
         "monotone": lambda: ((a := torch.randn(n, generator=g)), a.exp()),
         "reversed": lambda: ((a := torch.randn(n, generator=g)), -a),
     }
@@ -45,7 +47,9 @@ def _vectors(kind, n=40):
 @pytest.mark.parametrize("kind", ["continuous", "ties", "monotone", "reversed"])
 def test_spearman_matches_scipy(kind):
     a, b = _vectors(kind)
-    assert spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a.numpy(), b.numpy())[0], abs=1e-12)
+    assert spearman(a, b) == pytest.approx(
+        scipy.stats.spearmanr(a.numpy(), b.numpy())[0], abs=1e-12
+    )
     torch.testing.assert_close(average_ranks(a), torch.from_numpy(scipy.stats.rankdata(a.numpy())))
 
 
@@ -64,8 +68,9 @@ def test_identical_subsets_agree_perfectly():
 
 
 def test_random_criterion_is_uncorrelated():
-    report = stability(Wide(200), [torch.randn(1, 3, 4, 4)] * 4, 4, num_batches=4,
-                       criterion="random")
+    report = stability(
+        Wide(200), [torch.randn(1, 3, 4, 4)] * 4, 4, num_batches=4, criterion="random"
+    )
     wide = report.groups[0]
     assert wide.channels == 200 and wide.kept == 100
     # 6 pairs of independent uniform vectors of 200: each rho has sd ~ 0.07
@@ -103,11 +108,36 @@ def test_module_path():
 
 
 def test_cli_score_stability(capsys, tmp_path):
-    synth = ["--data", "synthetic", "--data-opt", "train_size=24", "--data-opt", "val_size=4",
-             "--data-opt", "num_classes=4", "--data-opt", "image_size=8"]
+    synth = [
+        "--data",
+        "synthetic",
+        "--data-opt",
+        "train_size=24",
+        "--data-opt",
+        "val_size=4",
+        "--data-opt",
+        "num_classes=4",
+        "--data-opt",
+        "image_size=8",
+    ]
     out = tmp_path / "s.safetensors"
-    code = cli.main(["score", "--arch", "resnet20", *synth, "--batches", "3", "--batch-size", "4",
-                     "--stability", "3", "--quiet", "--out", str(out)])
+    code = cli.main(
+        [
+            "score",
+            "--arch",
+            "resnet20",
+            *synth,
+            "--batches",
+            "3",
+            "--batch-size",
+            "4",
+            "--stability",
+            "3",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     written = json.loads(out.with_suffix(".stability.json").read_text())

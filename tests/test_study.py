@@ -35,7 +35,7 @@ def _write_fashion(root: Path, train=64, test=32) -> None:
         y = rng.integers(0, 4, n).astype(np.uint8)
         x = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
         for i, c in enumerate(y):
-            x[i, :, 7 * c: 7 * c + 7] = 220
+            x[i, :, 7 * c : 7 * c + 7] = 220
         write_idx(root / f"{prefix}-images-idx3-ubyte", x, gz=False)
         write_idx(root / f"{prefix}-labels-idx1-ubyte", y, gz=False)
 
@@ -67,7 +67,8 @@ def test_study_runs_caches_resumes_and_reports(study_module, tmp_path):
     # stability: K=8 needs more batches than the 4 there are, so only K=2 and K=4 ran
     stab = json.loads((out / "stability.json").read_text())
     assert [(r["criterion"], r["k"]) for r in stab["reports"]] == [
-        (c, k) for c in m.STABILITY_CRITERIA for k in (2, 4)]
+        (c, k) for c in m.STABILITY_CRITERIA for k in (2, 4)
+    ]
     assert all(r["samples_per_subset"][0] == 4 * 8 // r["k"] for r in stab["reports"])
 
     # resume: every cell, the baseline and the stability check come from the cache
@@ -78,8 +79,13 @@ def test_study_runs_caches_resumes_and_reports(study_module, tmp_path):
     study.run(criteria)
 
     # a different setting is refused rather than mixed into the cache
-    other = m.Study(out, m.Settings(baseline_epochs=2, seeds=2, batch_size=16),
-                    torch.device("cpu"), progress=False, data_root=root)
+    other = m.Study(
+        out,
+        m.Settings(baseline_epochs=2, seeds=2, batch_size=16),
+        torch.device("cpu"),
+        progress=False,
+        data_root=root,
+    )
     with pytest.raises(SystemExit, match="other settings"):
         other.run(criteria)
 
@@ -98,11 +104,13 @@ def test_study_runs_caches_resumes_and_reports(study_module, tmp_path):
                 expect = f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}"
                 assert expect in row, (row, expect)
         # the order line lists the criteria by their recomputed means, best first
-        means = {c: statistics.fmean(x["top1_finetuned"] for x in cells
-                                     if x["target"] == target and x["criterion"] == c)
-                 for c in criteria}
-        order = " > ".join(f"{c} {means[c]:.2f}"
-                           for c in sorted(criteria, key=lambda c: -means[c]))
+        means = {
+            c: statistics.fmean(
+                x["top1_finetuned"] for x in cells if x["target"] == target and x["criterion"] == c
+            )
+            for c in criteria
+        }
+        order = " > ".join(f"{c} {means[c]:.2f}" for c in sorted(criteria, key=lambda c: -means[c]))
         assert f"* `{target}`, after fine-tuning: {order}" in text
     assert f"{record['best_top1']:.2f}%" in text
     assert "## Is 2 x 8 images enough?" in text

@@ -362,14 +362,6 @@ def test_load_training_state_needs_trust_code_for_pickled_extra(tmp_path):
         assert torch.equal(fresh.state_dict()[k], v)
 
 
-def test_load_checkpoint_alias_is_load_training_state(tmp_path):
-    import chip.train as train
-
-    assert train.load_checkpoint is train.load_training_state
-    _save_one(CheckpointSaver(tmp_path), tiny.tiny_cnn(), 2, 1.0)
-    assert train.load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
-
-
 # ------------------------------------------------------------------------ determinism / fit
 
 
@@ -453,6 +445,7 @@ def _run_script(*args, **kw):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     """Kill at epoch 2, step 3 (48 images/epoch, batch 8), resume: same weights as no crash."""
     full = _run_script("--out", tmp_path / "full", "--final", tmp_path / "full.pt")
@@ -480,3 +473,11 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
         return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
 
     assert rows("crash") == rows("full") and len(rows("full")) == 4
+
+
+def test_recipe_names_match_the_training_tables():
+    from chip.recipe import AMP_MODES, SCHEDULE_NAMES
+    from chip.train import SCHEDULES
+    from chip.utils import AMP_DTYPES
+
+    assert tuple(SCHEDULES) == SCHEDULE_NAMES and tuple(AMP_DTYPES) == AMP_MODES

@@ -10,7 +10,7 @@ The public API is small and imported lazily (so ``import chip`` is cheap)::
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one version source (pyproject.toml reads it)
 
 # public name -> module that defines it
 _API = {

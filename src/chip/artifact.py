@@ -79,8 +79,14 @@ _NOT_ARTIFACT = "expected a file written by chip.save (safetensors with 'chip.ar
 # -- saving ----------------------------------------------------------------------------------------
 
 
-def save(model: nn.Module, path, *, extra: Mapping[str, Any] | None = None,
-         builder: str | None = None, builder_kwargs: Mapping[str, Any] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    builder: str | None = None,
+    builder_kwargs: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``model`` (pruned or not) to ``path`` as a code-free chip artifact, atomically.
 
     Args:
@@ -95,8 +101,10 @@ def save(model: nn.Module, path, *, extra: Mapping[str, Any] | None = None,
     Returns the path written.
     """
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        raise ChipError(f"chip.save needs an nn.Module, got {type(model).__name__}; "
-                        "save TorchScript modules with torch.jit.save")
+        raise ChipError(
+            f"chip.save needs an nn.Module, got {type(model).__name__}; "
+            "save TorchScript modules with torch.jit.save"
+        )
     header = _header(model, extra, builder, builder_kwargs)
     tensors, checks, metadata = _tensors(model)
     header["check_buffers"] = checks
@@ -121,13 +129,15 @@ def _header(model: nn.Module, extra, builder, builder_kwargs) -> dict[str, Any]:
         raise ChipError(
             f"cannot save {type(model).__name__} without code: it is not a chip zoo model (no "
             "chip_arch); use chip.artifact.export_torchscript / export_onnx, or pass "
-            "builder='package.module:function' that builds the unpruned model")
+            "builder='package.module:function' that builds the unpruned model"
+        )
     else:
         from .models import get_model_info
 
         get_model_info(arch)  # unknown arch -> ChipError
-    kwargs = dict(builder_kwargs if builder_kwargs is not None
-                  else getattr(model, "chip_kwargs", {}))
+    kwargs = dict(
+        builder_kwargs if builder_kwargs is not None else getattr(model, "chip_kwargs", {})
+    )
     plan = getattr(model, "chip_plan", None)
     if extra is not None and not isinstance(extra, Mapping):
         raise ChipError(f"extra must be a JSON-serialisable dict, got {type(extra).__name__}")
@@ -152,8 +162,10 @@ def _json(value: Any, what: str) -> str:
     try:
         return json.dumps(value, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
-        raise ChipError(f"{what} is not JSON-serialisable ({exc}); expected dicts, lists, "
-                        "strings, finite numbers, booleans and None") from None
+        raise ChipError(
+            f"{what} is not JSON-serialisable ({exc}); expected dicts, lists, "
+            "strings, finite numbers, booleans and None"
+        ) from None
 
 
 def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], Any]:
@@ -168,8 +180,10 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], Any]
     return tensors, checks, getattr(state, "_metadata", None)
 
 
-_METADATA_FORM = ("expected a dict of module prefix -> dict of JSON values, e.g. "
-                  '{"": {"version": 2}, "layers.0": {"version": 1}}')
+_METADATA_FORM = (
+    "expected a dict of module prefix -> dict of JSON values, e.g. "
+    '{"": {"version": 2}, "layers.0": {"version": 1}}'
+)
 
 
 def _state_metadata(value: Any, what: str) -> dict[str, dict[str, Any]] | None:
@@ -180,9 +194,14 @@ def _state_metadata(value: Any, what: str) -> dict[str, dict[str, Any]] | None:
     if not isinstance(value, Mapping):
         raise ChipError(f"{what} is malformed (a {type(value).__name__}); {_METADATA_FORM}")
     for prefix, entry in value.items():
-        if not (isinstance(prefix, str) and isinstance(entry, Mapping)
-                and all(isinstance(name, str) for name in entry)):
-            raise ChipError(f"{what} is malformed (entry {prefix!r:.60}: {entry!r:.60}); {_METADATA_FORM}")
+        if not (
+            isinstance(prefix, str)
+            and isinstance(entry, Mapping)
+            and all(isinstance(name, str) for name in entry)
+        ):
+            raise ChipError(
+                f"{what} is malformed (entry {prefix!r:.60}: {entry!r:.60}); {_METADATA_FORM}"
+            )
     return {prefix: dict(entry) for prefix, entry in value.items()}
 
 
@@ -191,8 +210,11 @@ def _cpu_copy(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     and tensors sharing storage with one already taken (``seen`` holds storage pointers)."""
     t = t.detach().cpu()
     storage = t.untyped_storage()
-    whole = t.is_contiguous() and t.storage_offset() == 0 \
+    whole = (
+        t.is_contiguous()
+        and t.storage_offset() == 0
         and storage.nbytes() == t.numel() * t.element_size()
+    )
     if not whole or storage.data_ptr() in seen or t.numel() == 0:
         t = t.clone(memory_format=torch.contiguous_format)
     seen.add(t.untyped_storage().data_ptr())
@@ -232,8 +254,10 @@ def _read_header(path) -> tuple[dict[str, Any], dict[str, Any]]:
     if header.get("format") != FORMAT or isinstance(version, bool) or not isinstance(version, int):
         raise ChipError(f"{path} has unknown format {header.get('format')!r}; {_NOT_ARTIFACT}")
     if version > FORMAT_VERSION:
-        raise ChipError(f"{path} uses artifact format version {version}, newer than this chip "
-                        f"reads ({FORMAT_VERSION}); upgrade chip")
+        raise ChipError(
+            f"{path} uses artifact format version {version}, newer than this chip "
+            f"reads ({FORMAT_VERSION}); upgrade chip"
+        )
     if 8 + n + end != size:
         raise ChipError(f"{path} is truncated or corrupt: {size} bytes, header says {8 + n + end}")
     return header, table
@@ -261,12 +285,23 @@ def load_info(path) -> dict[str, Any]:
             "widths": widths,
             "stats": plan.get("stats", {}),
         }
-    keys = ("format", "format_version", "arch", "kwargs", "builder", "chip_version",
-            "torch_version", "extra")
+    keys = (
+        "format",
+        "format_version",
+        "arch",
+        "kwargs",
+        "builder",
+        "chip_version",
+        "torch_version",
+        "extra",
+    )
     info = {"path": str(path), **{k: header.get(k) for k in keys}}
-    info.update(pruned=plan is not None, plan=summary,
-                tensors=sum(not k.startswith(_CHECK_PREFIX) for k in table),
-                bytes=Path(path).stat().st_size)
+    info.update(
+        pruned=plan is not None,
+        plan=summary,
+        tensors=sum(not k.startswith(_CHECK_PREFIX) for k in table),
+        bytes=Path(path).stat().st_size,
+    )
     return info
 
 
@@ -284,8 +319,7 @@ def _plan(header: Mapping[str, Any]):
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def load(path, *, map_location="cpu", trust_code: bool = False,
-         trust_builder: bool | None = None) -> nn.Module:
+def load(path, *, map_location="cpu", trust_code: bool = False) -> nn.Module:
     """Rebuild the model saved by :func:`save` (architecture, plan, weights); no unpickling.
 
     Args:
@@ -293,7 +327,6 @@ def load(path, *, map_location="cpu", trust_code: bool = False,
         map_location: device for the returned model.
         trust_code: allow importing and calling the ``"package.module:function"`` builder an
             artifact names (only needed for models outside the zoo; that runs code).
-        trust_builder: deprecated alias of ``trust_code`` (either one set to True trusts).
 
     Returns the model in eval mode (call ``.train()`` to fine-tune), with ``chip_arch``,
     ``chip_kwargs`` and, if pruned, ``chip_plan``, so it can be saved again. Parameter dtypes
@@ -304,10 +337,11 @@ def load(path, *, map_location="cpu", trust_code: bool = False,
 
     device = _device(map_location)
     header, _ = _read_header(path)
-    metadata = _state_metadata(header.get("state_dict_metadata"),
-                               f"{path}: the stored state_dict_metadata")
+    metadata = _state_metadata(
+        header.get("state_dict_metadata"), f"{path}: the stored state_dict_metadata"
+    )
     plan = _plan(header)
-    model = _build(path, header, trust_code or bool(trust_builder))
+    model = _build(path, header, trust_code)
     if plan is not None:
         from .prune import apply
 
@@ -319,11 +353,18 @@ def load(path, *, map_location="cpu", trust_code: bool = False,
         tensors = load_file(str(path), device="cpu")
     except SafetensorError as exc:
         raise ChipError(f"{path} is corrupt ({exc}); {_NOT_ARTIFACT}") from None
-    checks = {k[len(_CHECK_PREFIX):]: tensors.pop(k) for k in list(tensors)
-              if k.startswith(_CHECK_PREFIX)}
-    check_state_dict(model, tensors, strict=True,
-                     subject=f"{path}: stored weights do not match the rebuilt model",
-                     hint="the plan or architecture in the header does not belong to these weights")
+    checks = {
+        k[len(_CHECK_PREFIX) :]: tensors.pop(k)
+        for k in list(tensors)
+        if k.startswith(_CHECK_PREFIX)
+    }
+    check_state_dict(
+        model,
+        tensors,
+        strict=True,
+        subject=f"{path}: stored weights do not match the rebuilt model",
+        hint="the plan or architecture in the header does not belong to these weights",
+    )
     state = OrderedDict(tensors)  # a plain dict cannot carry _metadata
     if metadata is not None:
         state._metadata = metadata
@@ -339,8 +380,9 @@ def _device(map_location) -> torch.device:
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError):
-        raise ChipError(f"bad map_location {map_location!r}; expected 'cpu', 'cuda', "
-                        "'cuda:1' or a torch.device") from None
+        raise ChipError(
+            f"bad map_location {map_location!r}; expected 'cpu', 'cuda', 'cuda:1' or a torch.device"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ChipError(f"map_location {map_location!r} but CUDA is not available; use 'cpu'")
     return device
@@ -352,9 +394,11 @@ def _build(path, header: Mapping[str, Any], trust_code: bool) -> nn.Module:
     builder = header.get("builder")
     if builder is not None:
         if not trust_code:
-            raise ChipError(f"{path} is rebuilt by code it names (builder {builder!r}); pass "
-                            "trust_code=True (CLI: --trust-code) to import and run it, if you "
-                            "trust the file")
+            raise ChipError(
+                f"{path} is rebuilt by code it names (builder {builder!r}); pass "
+                "trust_code=True (CLI: --trust-code) to import and run it, if you "
+                "trust the file"
+            )
         fn, what = _resolve_builder(builder), f"builder {builder!r}"
     else:
         from .models import create
@@ -363,7 +407,9 @@ def _build(path, header: Mapping[str, Any], trust_code: bool) -> nn.Module:
     try:
         model = fn(**kwargs)
     except TypeError as exc:
-        raise ChipError(f"{path}: {what} does not accept the stored kwargs {kwargs} ({exc})") from None
+        raise ChipError(
+            f"{path}: {what} does not accept the stored kwargs {kwargs} ({exc})"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ChipError(f"{path}: {what} returned {type(model).__name__}, expected an nn.Module")
     return model
@@ -385,8 +431,9 @@ def _resolve_builder(text: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def _check_buffers(path, model: nn.Module, saved: Mapping[str, torch.Tensor],
-                   names: Sequence[str]) -> None:
+def _check_buffers(
+    path, model: nn.Module, saved: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> None:
     """The rebuilt non-persistent buffers must equal the saved ones (plan consistency)."""
     if sorted(saved) != sorted(names):
         raise ChipError(f"{path} has a corrupt buffer table; {_NOT_ARTIFACT}")
@@ -396,8 +443,10 @@ def _check_buffers(path, model: nn.Module, saved: Mapping[str, torch.Tensor],
         except AttributeError:
             rebuilt = None
         if rebuilt is None or rebuilt.shape != value.shape or not torch.equal(rebuilt.cpu(), value):
-            raise ChipError(f"{path}: buffer {name!r} rebuilt from the stored plan differs from the "
-                            "saved one; the plan in the header does not belong to these weights")
+            raise ChipError(
+                f"{path}: buffer {name!r} rebuilt from the stored plan differs from the "
+                "saved one; the plan in the header does not belong to these weights"
+            )
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -432,7 +481,8 @@ def _flat(out) -> list[torch.Tensor]:
 def _close(a, b, rtol: float, atol: float) -> bool:
     fa, fb = _flat(a), _flat(b)
     return len(fa) == len(fb) and all(
-        x.shape == y.shape and torch.allclose(x, y, rtol=rtol, atol=atol) for x, y in zip(fa, fb))
+        x.shape == y.shape and torch.allclose(x, y, rtol=rtol, atol=atol) for x, y in zip(fa, fb)
+    )
 
 
 def _script(model: nn.Module, inputs: tuple) -> torch.jit.ScriptModule:
@@ -450,8 +500,15 @@ _JIT_METHODS: dict[str, tuple[Callable[[nn.Module, tuple], torch.jit.ScriptModul
 }
 
 
-def export_torchscript(model: nn.Module, path, example_inputs, *, method: str = "auto",
-                       rtol: float = 1e-5, atol: float = 1e-6) -> Path:
+def export_torchscript(
+    model: nn.Module,
+    path,
+    example_inputs,
+    *,
+    method: str = "auto",
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> Path:
     """Write ``model`` (in eval mode) as TorchScript, atomically; load with ``torch.jit.load``.
 
     ``method="auto"`` tries ``torch.jit.script`` (keeps shape logic general) and falls back to
@@ -460,11 +517,15 @@ def export_torchscript(model: nn.Module, path, example_inputs, *, method: str = 
     else :class:`ChipError`. TorchScript is deprecated in recent torch; its warnings are muted.
     """
     if method not in _JIT_METHODS:
-        raise ChipError(f"unknown TorchScript method {method!r}; expected one of {list(_JIT_METHODS)}")
+        raise ChipError(
+            f"unknown TorchScript method {method!r}; expected one of {list(_JIT_METHODS)}"
+        )
     inputs = _as_tuple(example_inputs)
     failures = []
     with _inference(model), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning
+        )
         reference = model(*inputs)
         for convert in _JIT_METHODS[method]:
             name = convert.__name__.strip("_")
@@ -481,10 +542,16 @@ def export_torchscript(model: nn.Module, path, example_inputs, *, method: str = 
     raise ChipError(f"TorchScript export failed ({'; '.join(failures)}); try export_onnx")
 
 
-def export_onnx(model: nn.Module, path, example_inputs, *, opset: int = 17,
-                input_names: Sequence[str] | None = None,
-                output_names: Sequence[str] | None = None,
-                dynamic_batch: bool = True) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path,
+    example_inputs,
+    *,
+    opset: int = 17,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+) -> Path:
     """Write ``model`` (in eval mode) as ONNX, atomically, and check it with ``onnx.checker``.
 
     Uses torch's TorchScript-based exporter (``dynamo=False``), which needs the ``onnx`` package.
@@ -507,8 +574,16 @@ def export_onnx(model: nn.Module, path, example_inputs, *, opset: int = 17,
     kwargs = {"dynamo": False} if "dynamo" in _export_parameters() else {}
     with _inference(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(model, inputs, buffer, opset_version=opset, input_names=list(input_names),
-                          output_names=list(output_names), dynamic_axes=axes, **kwargs)
+        torch.onnx.export(
+            model,
+            inputs,
+            buffer,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=axes,
+            **kwargs,
+        )
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data))
     with atomic_write(path) as f:

@@ -29,28 +29,14 @@ from .errors import ChipError
 from .groups import GroupGraph, Member, find_groups
 from .utils import atomic_write, eval_mode, resolve_device, seed_everything
 
-__all__ = ["ChannelScores", "HookPoint", "calibrate", "hook_points", "reference_points", "CRITERIA"]
-
-
-def _chip_criterion(fmaps: torch.Tensor) -> torch.Tensor:
-    from .ci import channel_independence
-
-    return channel_independence(fmaps)
-
-
-def _hrank_criterion(fmaps: torch.Tensor) -> torch.Tensor:
-    from .ci import channel_rank
-
-    if fmaps.dim() < 4:  # a linear layer's input: each channel is a 1 x r map
-        fmaps = fmaps.reshape(fmaps.shape[0], fmaps.shape[1], 1, -1)
-    return channel_rank(fmaps)
-
-
-# data-driven criteria: (N, C, ...) maps -> (N, C) per-sample scores, larger = more important
-CRITERIA: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "chip": _chip_criterion,
-    "hrank": _hrank_criterion,
-}
+__all__ = [
+    "ChannelScores",
+    "HookPoint",
+    "calibrate",
+    "first_batch",
+    "hook_points",
+    "reference_points",
+]
 
 
 # modules that hand their input on unchanged: never the "producer" of a tensor
@@ -79,7 +65,9 @@ class HookPoint:
     calls: tuple[tuple[str, int], ...] = ()
 
 
-def hook_points(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tensor) -> list[HookPoint]:
+def hook_points(
+    model: nn.Module, graph: GroupGraph, example_inputs: torch.Tensor
+) -> list[HookPoint]:
     """Trace one forward pass and list every group's hook points in execution order."""
     names = {m: n for n, m in model.named_modules() if n}
     produced: dict[int, list[tuple[int, int, str, int]]] = {}  # id -> (depth, seq, name, call)
@@ -144,8 +132,10 @@ def hook_points(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tenso
                 labels[key] = label
             if (consumer, call) not in by_key[key]:
                 by_key[key].append((consumer, call))
-    return [HookPoint(labels[k], k[0], tuple(dict.fromkeys(c for c, _ in v)), tuple(v))
-            for k, v in by_key.items()]
+    return [
+        HookPoint(labels[k], k[0], tuple(dict.fromkeys(c for c, _ in v)), tuple(v))
+        for k, v in by_key.items()
+    ]
 
 
 def _gather(x: torch.Tensor, consumer: Member) -> torch.Tensor:
@@ -199,12 +189,14 @@ class _Accumulator:
         self.calls.clear()
 
 
-def _split_batch(batch) -> torch.Tensor:
+def split_batch(batch) -> torch.Tensor:
     x = batch
     if isinstance(batch, (list, tuple)) and batch:
         x = batch[0]
     elif isinstance(batch, dict):
-        x = next((batch[k] for k in ("image", "images", "input", "inputs", "x") if k in batch), None)
+        x = next(
+            (batch[k] for k in ("image", "images", "input", "inputs", "x") if k in batch), None
+        )
     if not isinstance(x, torch.Tensor):
         raise ChipError(
             f"cannot find the inputs in a batch of type {type(batch).__name__}; "
@@ -263,15 +255,21 @@ class ChannelScores:
 
         path = Path(path)
         if not path.is_file():
-            raise ChipError(f"scores file not found: {path} (expected a file written by `chip score`)")
+            raise ChipError(
+                f"scores file not found: {path} (expected a file written by `chip score`)"
+            )
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types
-            raise ChipError(f"cannot read scores file {path}: {exc} (expected safetensors)") from None
+            raise ChipError(
+                f"cannot read scores file {path}: {exc} (expected safetensors)"
+            ) from None
         if header.get("format") != "chip.ChannelScores/1":
-            raise ChipError(f"{path} is not a chip scores file (expected one written by `chip score`)")
+            raise ChipError(
+                f"{path} is not a chip scores file (expected one written by `chip score`)"
+            )
         return cls(
             groups={k[6:]: v for k, v in tensors.items() if k.startswith("group/")},
             points={k[6:]: v for k, v in tensors.items() if k.startswith("point/")},
@@ -308,17 +306,23 @@ class ChannelScores:
         group. Reference files chip has no hook point for are ignored.
         """
         directory = Path(directory)
-        files = {int(m.group(1)): p for p in directory.glob("ci_conv*.npy")
-                 if (m := re.fullmatch(r"ci_conv(\d+)\.npy", p.name))}
+        files = {
+            int(m.group(1)): p
+            for p in directory.glob("ci_conv*.npy")
+            if (m := re.fullmatch(r"ci_conv(\d+)\.npy", p.name))
+        }
         if not files:
-            raise ChipError(f"no ci_conv{{k}}.npy files in {directory} (expected the reference's CI dir)")
+            raise ChipError(
+                f"no ci_conv{{k}}.npy files in {directory} (expected the reference's CI dir)"
+            )
         point_group = {p.label: p.group for p in points}
         loaded = {}
         for k, label in enumerate(reference_points(arch), start=1):
             if k in files and label in point_group:
                 loaded[label] = torch.from_numpy(np.load(files[k], allow_pickle=False)).double()
         return cls.from_points(
-            loaded, {lb: point_group[lb] for lb in loaded},
+            loaded,
+            {lb: point_group[lb] for lb in loaded},
             meta={"source": f"reference:{directory}", "arch": arch, "criterion": "chip"},
         )
 
@@ -332,9 +336,13 @@ def reference_points(arch: str) -> list[str]:
     from .models import get_model_info, list_models
 
     infos = [get_model_info(name) for name in list_models()]
-    table = {info.name: info.reference_points for info in infos if info.reference_points is not None}
+    table = {
+        info.name: info.reference_points for info in infos if info.reference_points is not None
+    }
     if arch not in table:
-        raise ChipError(f"no reference CI layout for arch {arch!r}; expected one of {sorted(table)}")
+        raise ChipError(
+            f"no reference CI layout for arch {arch!r}; expected one of {sorted(table)}"
+        )
     return list(table[arch])
 
 
@@ -343,8 +351,10 @@ def first_batch(loader) -> torch.Tensor:
     try:
         first = next(iter(loader))
     except StopIteration:
-        raise ChipError("the calibration loader is empty; expected at least one batch of images") from None
-    return _split_batch(first)[:2]
+        raise ChipError(
+            "the calibration loader is empty; expected at least one batch of images"
+        ) from None
+    return split_batch(first)[:2]
 
 
 def calibrate(
@@ -359,6 +369,9 @@ def calibrate(
 ) -> ChannelScores:
     """Score every prunable channel of ``model`` in one inference pass over ``loader``.
 
+    The data pass behind :func:`chip.score` (the one scoring entry point, for every criterion);
+    call it directly for a custom per-map criterion.
+
     Args:
         model: any torchvision-style CNN (left in the mode and on the device it came in).
         loader: yields tensors, ``(inputs, targets)`` pairs or dicts with an ``image`` key.
@@ -366,8 +379,9 @@ def calibrate(
         device: where to run (default: CUDA if available, else CPU).
         seed: seeds the RNGs before the pass so augmentation in the loader is reproducible
             (``None`` leaves them alone).
-        criterion: ``"chip"`` (channel independence), ``"hrank"`` (feature-map rank) or a callable
-            mapping (N, C, ...) maps to (N, C) per-sample scores (larger = keep).
+        criterion: the name of a data criterion of :data:`chip.criteria.CRITERIA` (``"chip"``,
+            ``"hrank"``) or a callable mapping (N, C, ...) maps to (N, C) per-sample scores
+            (larger = keep).
         graph: precomputed :func:`chip.groups.find_groups` result for this model.
         progress: show a tqdm bar over batches.
 
@@ -375,9 +389,18 @@ def calibrate(
     """
     if num_batches < 1:
         raise ChipError(f"num_batches must be >= 1, got {num_batches}")
-    score_fn = CRITERIA.get(criterion) if isinstance(criterion, str) else criterion
-    if score_fn is None:
-        raise ChipError(f"unknown criterion {criterion!r}; expected one of {sorted(CRITERIA)}")
+    if isinstance(criterion, str):
+        from .criteria import get_criterion
+
+        entry = get_criterion(criterion)
+        if not entry.needs_data:
+            raise ChipError(
+                f"criterion {criterion!r} is computed from the weights, not from data; "
+                "use chip.score(model, loader, criterion)"
+            )
+        score_fn = entry.fn
+    else:
+        score_fn = criterion
     if seed is not None:
         seed_everything(seed)
     device = resolve_device(device)
@@ -400,13 +423,17 @@ def calibrate(
 
         from .distributed import is_main_process
 
-        bar = tqdm(total=num_batches, desc="calibrate", unit="batch",
-                   disable=not progress or not is_main_process())
+        bar = tqdm(
+            total=num_batches,
+            desc="calibrate",
+            unit="batch",
+            disable=not progress or not is_main_process(),
+        )
         with torch.inference_mode():
             for i, batch in enumerate(loader):
                 if i >= num_batches:
                     break
-                x = _split_batch(batch).to(device, non_blocking=True)
+                x = split_batch(batch).to(device, non_blocking=True)
                 model(x)
                 seen += x.shape[0]
                 acc.next_batch()
@@ -424,7 +451,9 @@ def calibrate(
     sums, counts = _all_reduce(acc, device)
     missing = [lb for lb, s in sums.items() if s is None or counts[lb] == 0]
     if missing:
-        raise ChipError(f"hook points never ran during calibration: {missing[:5]} (is the loader empty?)")
+        raise ChipError(
+            f"hook points never ran during calibration: {missing[:5]} (is the loader empty?)"
+        )
     means = {lb: (sums[lb] / counts[lb]).cpu() for lb in sums}
     return ChannelScores.from_points(
         means,
@@ -432,7 +461,9 @@ def calibrate(
         num_samples=int(next(iter(counts.values()))) if counts else 0,
         meta={
             "arch": getattr(model, "chip_arch", None),
-            "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
+            "criterion": criterion
+            if isinstance(criterion, str)
+            else getattr(criterion, "__name__", "custom"),
             "num_batches": num_batches,
             "samples_this_rank": seen,
             "seed": seed,
@@ -453,13 +484,17 @@ def _all_reduce(acc: _Accumulator, device):
         raise ChipError(f"hook point {missing[0]} received no data on this rank")
     labels = list(acc.sums)
     # one collective for everything: every point's sums, then every point's sample count
-    flat = torch.cat([acc.sums[lb].to(device, torch.float64) for lb in labels]
-                     + [torch.tensor([float(acc.counts[lb]) for lb in labels],
-                                     dtype=torch.float64, device=device)])
+    flat = torch.cat(
+        [acc.sums[lb].to(device, torch.float64) for lb in labels]
+        + [
+            torch.tensor(
+                [float(acc.counts[lb]) for lb in labels], dtype=torch.float64, device=device
+            )
+        ]
+    )
     all_reduce_sum(flat)
     sizes = [acc.sums[lb].numel() for lb in labels] + [len(labels)]
     *parts, counts = torch.split(flat, sizes)
     out_sums = dict(zip(labels, parts))
     out_counts = {lb: int(c) for lb, c in zip(labels, counts.tolist())}
     return out_sums, out_counts
-

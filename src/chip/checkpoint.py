@@ -25,13 +25,13 @@ import torch
 import torch.nn as nn
 
 from chip.errors import ChipError
+from chip.utils import first_line
 
 __all__ = [
     "CONTAINER_KEYS",
     "STRIP_PREFIXES",
     "check_state_dict",
     "extract_state_dict",
-    "load_checkpoint",
     "load_state_dict_file",
     "load_torch_file",
     "load_weights",
@@ -96,11 +96,6 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> StateDict:
     return _strip_prefixes(dict(state))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _weights_only_reason(exc: BaseException) -> str:
     """The short reason in torch's weights-only error (e.g. ``unsupported global: pkg.Cls``)."""
     match = re.search(r"Unsupported (?:global: GLOBAL (\S+)|([^\n]+))", str(exc))
@@ -133,10 +128,10 @@ def load_torch_file(path: str | Path, *, trust_code: bool = False) -> Any:
                 "not a plain tensor file; pass trust_code=True (CLI: --trust-code) if you trust "
                 "the file"
             ) from None
-        raise ChipError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        raise ChipError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     except Exception as exc:  # corrupt files surface as many types (IndexError, EOFError, ...)
         raise ChipError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}"
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}"
         ) from None
 
 
@@ -147,7 +142,7 @@ def _safetensors_load(path: Path) -> Any:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # SafetensorError, OSError, ...
         raise ChipError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}"
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}"
         ) from None
 
 
@@ -226,14 +221,15 @@ def check_state_dict(
     parts = [
         _listing(label, items)
         for label, items in (
-            ("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", shapes),
         )
         if items
     ]
     arch = getattr(model, "chip_arch", type(model).__name__)
     raise ChipError(
-        f"{subject} {arch} ({', '.join(counts)}): "
-        + "; ".join(parts + ([hint] if hint else []))
+        f"{subject} {arch} ({', '.join(counts)}): " + "; ".join(parts + ([hint] if hint else []))
     )
 
 
@@ -268,8 +264,3 @@ def load_weights(
         subject = "checkpoint does not fit"
     check_state_dict(model, state, strict=strict, subject=subject)
     return model.load_state_dict(state, strict=strict)
-
-
-# deprecated alias (old name and keyword unsafe_pickle); use load_weights(..., trust_code=...)
-def load_checkpoint(model, path_or_state, strict=True, unsafe_pickle=False):
-    return load_weights(model, path_or_state, strict=strict, trust_code=unsafe_pickle)

@@ -59,16 +59,20 @@ _SHAPES_HELP = "(N, C, H, W), (N, C, L) or (N, C)"
 def _as_matrices(fmaps: torch.Tensor, name: str = "fmaps") -> torch.Tensor:
     """Validate ``fmaps`` and view it as ``(N, C, HW)``; raise :class:`ChipError` if invalid."""
     if not isinstance(fmaps, torch.Tensor):
-        raise ChipError(f"{name} must be a torch.Tensor of shape {_SHAPES_HELP}, "
-                        f"got {type(fmaps).__name__}")
+        raise ChipError(
+            f"{name} must be a torch.Tensor of shape {_SHAPES_HELP}, got {type(fmaps).__name__}"
+        )
     if fmaps.ndim not in (2, 3, 4):
-        raise ChipError(f"{name} must have shape {_SHAPES_HELP}, "
-                        f"got {fmaps.ndim}-D shape {tuple(fmaps.shape)}")
+        raise ChipError(
+            f"{name} must have shape {_SHAPES_HELP}, got {fmaps.ndim}-D shape {tuple(fmaps.shape)}"
+        )
     if fmaps.is_complex() or fmaps.dtype == torch.bool:
         raise ChipError(f"{name} must be a real floating-point tensor, got dtype {fmaps.dtype}")
     if fmaps.is_floating_point() and not bool(torch.isfinite(fmaps).all()):
-        raise ChipError(f"{name} contains NaN or Inf values; expected finite feature maps "
-                        f"(check the model and inputs for overflow)")
+        raise ChipError(
+            f"{name} contains NaN or Inf values; expected finite feature maps "
+            f"(check the model and inputs for overflow)"
+        )
     return fmaps.detach().reshape(*fmaps.shape[:2], math.prod(fmaps.shape[2:]))
 
 
@@ -83,8 +87,9 @@ def _check_chunk(chunk_size: int | None) -> int | None:
 def _default_chunk(channels: int, length: int, nodes: int) -> int:
     """Samples per chunk so that the float64 temporaries stay near ``_CHUNK_BYTES``."""
     k = min(channels, length)
-    per_sample = 8 * (2 * channels * length + 3 * k * k + channels * k
-                      + 4 * channels * nodes + 3 * k * nodes)
+    per_sample = 8 * (
+        2 * channels * length + 3 * k * k + channels * k + 4 * channels * nodes + 3 * k * nodes
+    )
     return max(1, _CHUNK_BYTES // max(per_sample, 1))
 
 
@@ -141,7 +146,7 @@ def _refine_null_weights(z: torch.Tensor, lev: torch.Tensor, w0: torch.Tensor) -
     small = (w0 < _REFINE_BELOW) & (lev > 0)
     for b in torch.nonzero(small.any(-1)).flatten().tolist():
         rows = torch.nonzero(small[b]).flatten()
-        hat = z[b, rows] @ z[b].mT                                          # (R, C)
+        hat = z[b, rows] @ z[b].mT  # (R, C)
         hat[torch.arange(rows.numel(), device=z.device), rows] = 0.0
         w0[b, rows] = hat.square().sum(-1) / lev[b, rows]
 
@@ -152,22 +157,22 @@ def _ci_chunk(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     nodes = u.numel()
     sigma = lam[:, -1].sqrt()
     sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-    t = sigma[:, None] * u.exp()[None, :]                                   # (B, Q)
+    t = sigma[:, None] * u.exp()[None, :]  # (B, Q)
     s = t.square()
-    inv = (lam[:, :, None] + s[:, None, :]).reciprocal_()                   # (B, K, Q)
+    inv = (lam[:, :, None] + s[:, None, :]).reciprocal_()  # (B, K, Q)
     kernels = torch.cat([inv.square() * lam[:, :, None], inv.mul_(s[:, None, :])], dim=-1)
-    sums = w @ kernels                                                      # (B, C, 2Q)
+    sums = w @ kernels  # (B, C, 2Q)
     num, den = sums[..., :nodes], sums[..., nodes:]
     den = den.add_(w0[:, :, None]).clamp_(min=torch.finfo(torch.float64).tiny)
-    ratio = num.div_(den)                              # f_i(t) / s, shape (B, C, Q)
+    ratio = num.div_(den)  # f_i(t) / s, shape (B, C, Q)
     h = _STEP
     r1 = math.exp(-h) / -math.expm1(-h)
     r3 = math.exp(-3 * h) / -math.expm1(-3 * h)
-    body = h * (ratio @ (t * s)[:, :, None])[..., 0]          # dt = t du
+    body = h * (ratio @ (t * s)[:, :, None])[..., 0]  # dt = t du
     # left tail: f is ~constant below the first node (which lies far below any kept sqrt(l_k))
     left = (h * r1) * (t[:, :1] * s[:, :1]) * ratio[:, :, 0]
     # right tail: f ~ m1 / t^2 + (m1^2 - 2 m2) / t^4 beyond the last node
-    moments = w @ torch.stack([lam, lam.square()], dim=-1)                  # (B, C, 2)
+    moments = w @ torch.stack([lam, lam.square()], dim=-1)  # (B, C, 2)
     m1, m2 = moments[..., 0], moments[..., 1]
     t_hi = t[:, -1:]
     right = h * (r1 * m1 / t_hi + r3 * (m1.square() - 2 * m2) / t_hi**3)
@@ -200,13 +205,14 @@ def channel_independence(fmaps: torch.Tensor, *, chunk_size: int | None = None) 
     u = _u_grid(channels, length, x.device)
     step = _check_chunk(chunk_size) or _default_chunk(channels, length, u.numel())
     for start in range(0, n, step):
-        out[start:start + step] = _ci_chunk(x[start:start + step].to(torch.float64), u)
+        out[start : start + step] = _ci_chunk(x[start : start + step].to(torch.float64), u)
     return out
 
 
 @torch.no_grad()
-def channel_independence_oracle(fmaps: torch.Tensor,
-                                channels: Sequence[int] | None = None) -> torch.Tensor:
+def channel_independence_oracle(
+    fmaps: torch.Tensor, channels: Sequence[int] | None = None
+) -> torch.Tensor:
     """CI by its plain definition: one float64 SVD of the masked matrix per (sample, channel).
 
     Slow (``N * C`` SVDs); for tests and benchmarks. ``channels`` restricts the evaluation to
@@ -250,5 +256,5 @@ def channel_rank(fmaps: torch.Tensor, *, chunk_size: int | None = None) -> torch
         return out
     step = _check_chunk(chunk_size) or max(1, _CHUNK_BYTES // (24 * channels * height * width))
     for start in range(0, n, step):
-        out[start:start + step] = torch.linalg.matrix_rank(maps[start:start + step]).double()
+        out[start : start + step] = torch.linalg.matrix_rank(maps[start : start + step]).double()
     return out

@@ -26,11 +26,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any
 
 from chip.errors import ChipError
+from chip.options import OPTIONS, TRAIN_OPTIONS, add_option
+
+if TYPE_CHECKING:  # building the parser (chip --help) imports no torch
+    import torch.nn as nn
 
 __all__ = ["COMMANDS", "get_args_parser", "main", "parse_overrides"]
 
@@ -56,23 +58,6 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- shared options
 
 
-def _checked_int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _checked_int(1)
-_non_negative_int = _checked_int(0)
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -83,94 +68,94 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+def _positive_int(text: str) -> int:
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key.strip(), value
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """--device, --workers, --seed, --quiet."""
+    """--device, --workers, --seed, --quiet, --threads."""
     g = parser.add_argument_group("common")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--workers", type=_non_negative_int, default=0, help="data loading worker processes")
-    g.add_argument("--seed", type=int, default=0, help="seed for calibration, pruning and training")
+    for key in ("device", "data.workers", "seed"):
+        add_option(g, OPTIONS[key])
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (1 is often fastest on a busy machine)")
+    add_option(g, OPTIONS["threads"])
 
 
-def add_data_args(parser: argparse.ArgumentParser, batch_size: int | None = 128) -> None:
-    """--data, --data-dir, --image-size, --train-subset, --val-subset, --data-opt [--batch-size]."""
+def add_data_args(
+    parser: argparse.ArgumentParser,
+    batch_size: int | None = 128,
+    required: bool = True,
+    data_help: str | None = None,
+) -> None:
+    """--data, --data-dir, --image-size, --train-subset, --val-subset, --data-opt, --download
+    [--batch-size]."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data", required=True, help="dataset name (digits, cifar10, fashion-mnist, ...)")
-    g.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's)")
-    g.add_argument("--image-size", type=_positive_int, default=None, help="resize images to this size")
-    g.add_argument("--train-subset", type=_positive_int, default=None, help="use at most N training images")
-    g.add_argument("--val-subset", type=_positive_int, default=None, help="evaluate on at most N images")
-    g.add_argument("--data-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra dataset option (e.g. synthetic train_size=64); repeatable")
-    g.add_argument("--download", action="store_true",
-                   help="download CIFAR-10/100 or MNIST into --data-dir if missing (needs a network)")
+    add_option(g, OPTIONS["data.name"], required=required, dest="data", help=data_help)
+    add_option(g, OPTIONS["data.root"], dest="data_dir")
+    for key in ("data.image_size", "data.train_subset", "data.val_subset"):
+        add_option(g, OPTIONS[key])
+    add_option(g, OPTIONS["data.options"], dest="data_opt")
+    add_option(g, OPTIONS["data.download"])
     if batch_size is not None:
-        g.add_argument("--batch-size", type=_positive_int, default=batch_size, help="batch size")
+        add_option(g, OPTIONS["data.batch_size"], default=batch_size)
+
+
+_TARGET_KINDS = ("sparsity", "rate", "flops", "params", "layers")
 
 
 def add_target_args(parser: argparse.ArgumentParser, plan_file: bool = False) -> None:
     """Exactly one of --sparsity / --rate / --flops / --params / --layers (/ --plan)."""
     g = parser.add_argument_group("pruning target (exactly one)")
     x = g.add_mutually_exclusive_group(required=True)
-    x.add_argument("--sparsity", help="reference sparsity string, e.g. '[0.]+[0.15]*2+[0.4]*27'")
-    x.add_argument("--rate", type=float, help="uniform fraction of channels removed per group")
-    x.add_argument("--flops", type=float, help="fraction of the baseline MACs to keep")
-    x.add_argument("--params", type=float, help="fraction of the baseline params to keep")
-    x.add_argument("--layers", type=Path, help="YAML file {group or layer name: rate}")
+    for kind in _TARGET_KINDS:
+        add_option(x, OPTIONS[f"target.{kind}"])
     if plan_file:
         x.add_argument("--plan", type=Path, help="plan.json written by chip plan --out")
-    g.add_argument("--round-to", type=_positive_int, default=1, help="kept widths become multiples of N")
+    add_option(g, OPTIONS["target.round_to"])
 
 
-# TrainConfig field -> (flag type, help); booleans become store_true flags
-TRAIN_FLAGS: dict[str, tuple[Callable | None, str]] = {
-    "epochs": (_positive_int, "training epochs"),
-    "batch_size": (_positive_int, "per-process training batch size (also used for evaluation)"),
-    "lr": (float, "base learning rate"),
-    "momentum": (float, "SGD momentum"),
-    "weight_decay": (float, "weight decay on all parameters"),
-    "warmup_epochs": (int, "linear warm-up epochs"),
-    "label_smoothing": (float, "label smoothing"),
-    "schedule": (str, "lr schedule: cosine (the paper's), step, constant"),
-    "amp": (str, "mixed precision: none, bf16, fp16"),
-    "clip_grad": (float, "clip the gradient norm to this value"),
-    "nesterov": (None, "Nesterov momentum"),
-    "channels_last": (None, "channels-last memory format"),
-    "sync_bn": (None, "SyncBatchNorm under torchrun (CUDA)"),
-    "tensorboard": (None, "also log to TensorBoard in OUT_DIR/tb (needs the tensorboard package)"),
-}
+# TrainConfig fields with a flag on train / finetune (the others are config-only)
+TRAIN_FLAGS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "schedule",
+    "amp",
+    "clip_grad",
+    "nesterov",
+    "channels_last",
+    "sync_bn",
+    "tensorboard",
+)
 
 
 def add_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     """One flag per :data:`TRAIN_FLAGS` entry; ``defaults`` are shown in --help."""
     g = parser.add_argument_group("training")
-    for name, (kind, text) in TRAIN_FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is None:
-            g.add_argument(flag, action="store_true", default=None, dest=name, help=text)
-        else:
-            shown = f" (default: {defaults[name]})" if name in defaults else ""
-            g.add_argument(flag, type=kind, default=None, dest=name, help=text + shown)
-    g.add_argument("--out-dir", type=Path, required=True, help="where checkpoints and logs go")
+    for name in TRAIN_FLAGS:
+        option = TRAIN_OPTIONS[name]
+        shown = (
+            f" (default: {defaults[name]})" if name in defaults and option.kind != "bool" else ""
+        )
+        add_option(g, option, default=None, help=option.help + shown)
+    add_option(
+        g, OPTIONS["out_dir"], default=None, required=True, help="where checkpoints and logs go"
+    )
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
 
 
 def _train_config(args: argparse.Namespace, defaults: dict):
-    from chip.pipeline import train_config
+    from chip.config import train_config
 
     given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     section = {**defaults, **given}
@@ -179,16 +164,23 @@ def _train_config(args: argparse.Namespace, defaults: dict):
 
 
 def _data(args: argparse.Namespace, train_augment: bool = True):
-    from chip.pipeline import build_data
+    from chip.data import build_data
 
-    return build_data(args.data, args.data_dir, image_size=args.image_size,
-                      train_subset=args.train_subset, val_subset=args.val_subset,
-                      options=dict(args.data_opt), seed=args.seed, train_augment=train_augment,
-                      download=args.download)
+    return build_data(
+        args.data,
+        args.data_dir,
+        image_size=args.image_size,
+        train_subset=args.train_subset,
+        val_subset=args.val_subset,
+        options=dict(args.data_opt),
+        seed=args.seed,
+        train_augment=train_augment,
+        download=args.download,
+    )
 
 
 def _data_info(args: argparse.Namespace):
-    from chip.pipeline import data_info
+    from chip.data import data_info
 
     return data_info(args.data, args.data_dir, args.image_size, dict(args.data_opt))
 
@@ -204,13 +196,19 @@ def _echo(text: str = "", file=None) -> None:
 def _model_from_args(args: argparse.Namespace, info) -> nn.Module:
     from chip.models import create
 
-    return create(args.arch, num_classes=info.num_classes, in_channels=info.in_channels,
-                  checkpoint=getattr(args, "checkpoint", None),
-                  unsafe_pickle=getattr(args, "unsafe_pickle", False))
+    return create(
+        args.arch,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        checkpoint=getattr(args, "checkpoint", None),
+        trust_code=getattr(args, "trust_code", False),
+    )
 
 
 def _fmt_count(n: int) -> str:
-    return f"{n / 1e6:.3f}M"
+    from chip.counting import format_count
+
+    return format_count(n)
 
 
 def _cut(before: int, after: int) -> str:
@@ -244,48 +242,61 @@ def _distributed(device):
 
 
 def get_args_parser_score(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", required=True, help="zoo architecture, e.g. resnet56")
-    parser.add_argument("--checkpoint", type=Path, help="trained weights (state_dict file)")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="allow full unpickling of a trusted checkpoint")
-    add_data_args(parser, batch_size=128)
-    for action in parser._actions:  # the weight criteria (l1, random) need no data
-        if action.dest == "data":
-            action.required = False
-            action.help += " (needed by chip and hrank, and by --stability)"
-    parser.add_argument("--batches", type=_positive_int, default=5, help="calibration batches (paper: 5)")
-    parser.add_argument("--criterion", default="chip", choices=SCORE_CRITERIA,
-                        help="channel independence (chip), feature-map rank (hrank), filter L1 "
-                             "norm (l1) or seeded random scores (random)")
-    parser.add_argument("--stability", type=_positive_int, default=None, metavar="K",
-                        help="also split the calibration batches into K disjoint subsets, print how "
-                             "well their scores agree and write OUT.stability.json")
-    parser.add_argument("--stability-rate", type=float, default=0.5,
-                        help="pruning rate whose kept sets --stability compares (default: 0.5)")
-    parser.add_argument("--reference-dir", type=Path,
-                        help="also write the reference code's ci_conv{k}.npy files here")
+    add_option(parser, OPTIONS["arch"], required=True)
+    add_option(parser, OPTIONS["checkpoint"], help="trained weights (state_dict file)")
+    add_option(parser, OPTIONS["trust_code"])
+    add_data_args(
+        parser,
+        batch_size=None,
+        required=False,
+        data_help=OPTIONS["data.name"].help + " (needed by the data criteria and --stability)",
+    )
+    add_option(parser, OPTIONS["calibration.batch_size"], flag="--batch-size", dest="batch_size")
+    add_option(parser, OPTIONS["calibration.batches"])
+    add_option(parser, OPTIONS["calibration.criterion"])
+    parser.add_argument(
+        "--stability",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="also split the calibration batches into K disjoint subsets, print how "
+        "well their scores agree and write OUT.stability.json",
+    )
+    parser.add_argument(
+        "--stability-rate",
+        type=float,
+        default=0.5,
+        help="pruning rate whose kept sets --stability compares (default: 0.5)",
+    )
+    parser.add_argument(
+        "--reference-dir",
+        type=Path,
+        help="also write the reference code's ci_conv{k}.npy files here",
+    )
     parser.add_argument("--out", type=Path, required=True, help="scores file (.safetensors)")
     add_common_args(parser)
 
 
-# criteria of chip.criteria.CRITERION_NAMES (listed here so building the parser imports no torch)
-SCORE_CRITERIA = ("chip", "hrank", "l1", "random")
-_DATA_CRITERIA = ("chip", "hrank")
-
-
 def _check_score_args(args: argparse.Namespace) -> None:
     """One-line errors for flag combinations argparse cannot express."""
-    if args.data is None and args.criterion in _DATA_CRITERIA:
-        raise ChipError(f"score: --criterion {args.criterion} needs --data (only l1 and random "
-                        "score without data)")
+    from chip.criteria import CRITERIA
+
+    needs_data = CRITERIA[args.criterion].needs_data
+    if args.data is None and needs_data:
+        free = " and ".join(n for n, c in CRITERIA.items() if not c.needs_data)
+        raise ChipError(
+            f"score: --criterion {args.criterion} needs --data (only {free} score without data)"
+        )
     if args.stability is not None:
         if args.data is None:
             raise ChipError("score: --stability needs --data (it splits the calibration batches)")
         if not 2 <= args.stability <= args.batches:
-            raise ChipError(f"score: --stability K needs 2 <= K <= --batches ({args.batches}), "
-                            f"got {args.stability}")
-    if args.reference_dir is not None and args.criterion not in _DATA_CRITERIA:
-        raise ChipError("score: --reference-dir needs a data criterion (chip or hrank)")
+            raise ChipError(
+                f"score: --stability K needs 2 <= K <= --batches ({args.batches}), "
+                f"got {args.stability}"
+            )
+    if args.reference_dir is not None and not needs_data:
+        raise ChipError("score: --reference-dir needs a criterion computed from data")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -304,21 +315,30 @@ def cmd_score(args: argparse.Namespace) -> int:
         else:
             from chip.models import create
 
-            model = create(args.arch, checkpoint=args.checkpoint, unsafe_pickle=args.unsafe_pickle)
+            model = create(args.arch, checkpoint=args.checkpoint, trust_code=args.trust_code)
         t0 = time.perf_counter()
-        scores = score(model, loader, args.criterion, num_batches=args.batches, seed=args.seed,
-                       device=dist.device, progress=not args.quiet)
+        scores = score(
+            model,
+            loader,
+            args.criterion,
+            num_batches=args.batches,
+            seed=args.seed,
+            device=dist.device,
+            progress=not args.quiet,
+        )
         seconds = time.perf_counter() - t0
         if is_main_process():
             scores.save(args.out)
             if args.reference_dir is not None:
                 scores.export_reference(args.reference_dir, args.arch)
-        if args.criterion in _DATA_CRITERIA:
+        if args.data is not None and scores.num_samples:
             source = f"on {scores.num_samples} {source} samples"
         else:
             source = "from its weights" if args.criterion == "l1" else f"from seed {args.seed}"
-        _echo(f"scored {len(scores.groups)} groups ({len(scores.points)} hook points) of "
-              f"{args.arch} {source} with {args.criterion} in {seconds:.1f} s -> {args.out}")
+        _echo(
+            f"scored {len(scores.groups)} groups ({len(scores.points)} hook points) of "
+            f"{args.arch} {source} with {args.criterion} in {seconds:.1f} s -> {args.out}"
+        )
         if args.stability is not None:
             _score_stability(args, model, loader, dist.device)
     return 0
@@ -329,9 +349,17 @@ def _score_stability(args: argparse.Namespace, model: nn.Module, loader, device)
     from chip.distributed import is_main_process
     from chip.stability import stability
 
-    report = stability(model, loader, args.stability, num_batches=args.batches,
-                       rate=args.stability_rate, criterion=args.criterion, seed=args.seed,
-                       device=device, progress=not args.quiet)
+    report = stability(
+        model,
+        loader,
+        args.stability,
+        num_batches=args.batches,
+        rate=args.stability_rate,
+        criterion=args.criterion,
+        seed=args.seed,
+        device=device,
+        progress=not args.quiet,
+    )
     path = args.out.with_suffix(".stability.json")
     if is_main_process():
         report.save(path)
@@ -343,10 +371,10 @@ def _score_stability(args: argparse.Namespace, model: nn.Module, loader, device)
 
 
 def _plan_target(args: argparse.Namespace):
-    from chip.pipeline import resolve_target
+    from chip.config import resolve_target
 
     if args.layers is not None:
-        from chip.pipeline import load_config
+        from chip.config import load_config
 
         layers = load_config(args.layers)
         if not layers:
@@ -357,11 +385,17 @@ def _plan_target(args: argparse.Namespace):
 
 
 def _plan_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", required=True, help="zoo architecture, e.g. resnet56")
-    parser.add_argument("--num-classes", type=_positive_int, default=None,
-                        help="classifier outputs (default: the architecture's)")
-    parser.add_argument("--input-size", type=_int_list, default=None, metavar="C,H,W",
-                        help="input size (default: the architecture's, e.g. 3,32,32)")
+    add_option(parser, OPTIONS["arch"], required=True)
+    add_option(
+        parser, OPTIONS["num_classes"], help="classifier outputs (default: the architecture's)"
+    )
+    parser.add_argument(
+        "--input-size",
+        type=_int_list,
+        default=None,
+        metavar="C,H,W",
+        help="input size (default: the architecture's, e.g. 3,32,32)",
+    )
 
 
 def _input_size(args: argparse.Namespace) -> tuple[int, ...]:
@@ -376,7 +410,9 @@ def _input_size(args: argparse.Namespace) -> tuple[int, ...]:
 def get_args_parser_plan(parser: argparse.ArgumentParser) -> None:
     _plan_model_args(parser)
     add_target_args(parser)
-    parser.add_argument("--scores", type=Path, help="scores from chip score (which channels to keep)")
+    parser.add_argument(
+        "--scores", type=Path, help="scores from chip score (which channels to keep)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
     parser.add_argument("--out", type=Path, help="write the plan here (JSON)")
     add_common_args(parser)
@@ -395,8 +431,9 @@ def _width_table(plan) -> list[str]:
 def _make_plan(args: argparse.Namespace, model: nn.Module, scores):
     from chip.planning import plan
 
-    return plan(model, scores, _plan_target(args), round_to=args.round_to,
-                input_size=_input_size(args))
+    return plan(
+        model, scores, _plan_target(args), round_to=args.round_to, input_size=_input_size(args)
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -410,21 +447,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = create(args.arch, num_classes=args.num_classes, in_channels=size[1])
     p = _make_plan(args, model, scores)
     if scores is None:
-        print("note: no --scores given: the plan keeps the first channels of every group; which "
-              "channels are kept does not change the widths or the counts", file=sys.stderr)
+        print(
+            "note: no --scores given: the plan keeps the first channels of every group; which "
+            "channels are kept does not change the widths or the counts",
+            file=sys.stderr,
+        )
     if args.out is not None:
         p.save(args.out)
     s = p.stats
     if args.json:
-        obj = {"arch": args.arch, "target": p.target, "input_size": list(size),
-               "params": s["params"], "macs": s["macs"], "base_params": s["base_params"],
-               "base_macs": s["base_macs"], "params_kept": s["params_kept"],
-               "macs_kept": s["macs_kept"], "macs_convention": s["macs_convention"],
-               "scores_used": p.scores_used, "widths": p.widths(),
-               "channels": {k: g.channels for k, g in p.groups.items()}, "skipped": p.skipped}
+        obj = {
+            "arch": args.arch,
+            "target": p.target,
+            "input_size": list(size),
+            "params": s["params"],
+            "macs": s["macs"],
+            "base_params": s["base_params"],
+            "base_macs": s["base_macs"],
+            "params_kept": s["params_kept"],
+            "macs_kept": s["macs_kept"],
+            "macs_convention": s["macs_convention"],
+            "scores_used": p.scores_used,
+            "widths": p.widths(),
+            "channels": {k: g.channels for k, g in p.groups.items()},
+            "skipped": p.skipped,
+        }
         print(json.dumps(obj))
         return 0
-    lines = [f"{args.arch}, target {p.target}" + (f", round to {args.round_to}" if args.round_to > 1 else "")]
+    lines = [
+        f"{args.arch}, target {p.target}"
+        + (f", round to {args.round_to}" if args.round_to > 1 else "")
+    ]
     lines += _width_table(p)
     lines += _counts_lines(s["base_params"], s["base_macs"], s["params"], s["macs"], size)
     if args.out is not None:
@@ -438,9 +491,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def get_args_parser_prune(parser: argparse.ArgumentParser) -> None:
     _plan_model_args(parser)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="trained weights")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="allow full unpickling of a trusted checkpoint")
+    add_option(parser, OPTIONS["checkpoint"], required=True, help="trained weights")
+    add_option(parser, OPTIONS["trust_code"])
     parser.add_argument("--scores", type=Path, required=True, help="scores from chip score")
     add_target_args(parser, plan_file=True)
     parser.add_argument("--out", type=Path, required=True, help="pruned model artifact (.chip)")
@@ -462,8 +514,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     arch = scores.meta.get("arch")
     if arch not in (None, args.arch):
         raise ChipError(f"scores {args.scores} were computed on {arch}, not {args.arch}")
-    model = create(args.arch, num_classes=args.num_classes, in_channels=size[1],
-                   checkpoint=args.checkpoint, unsafe_pickle=args.unsafe_pickle)
+    model = create(
+        args.arch,
+        num_classes=args.num_classes,
+        in_channels=size[1],
+        checkpoint=args.checkpoint,
+        trust_code=args.trust_code,
+    )
     if args.plan is not None:
         p = PruningPlan.load(args.plan)
         if p.arch not in (None, args.arch):
@@ -473,9 +530,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     base = count(model, size)
     pruned = apply(model, p)
     after = count(pruned, size)
-    save(pruned, args.out, extra={"source_checkpoint": str(args.checkpoint), "target": p.target,
-                                  "params": after.params, "macs": after.macs,
-                                  "input_size": list(size)})
+    save(
+        pruned,
+        args.out,
+        extra={
+            "source_checkpoint": str(args.checkpoint),
+            "target": p.target,
+            "params": after.params,
+            "macs": after.macs,
+            "input_size": list(size),
+        },
+    )
     lines = [f"pruned {args.arch} ({p.target}) -> {args.out}"]
     lines += _counts_lines(base.params, base.macs, after.params, after.macs, size)
     print("\n".join(lines))
@@ -486,16 +551,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def get_args_parser_train(parser: argparse.ArgumentParser) -> None:
-    from chip.pipeline import BASELINE_DEFAULTS
+    from chip.recipe import BASELINE_DEFAULTS
 
-    parser.add_argument("--arch", required=True, help="zoo architecture, e.g. resnet20")
+    add_option(parser, OPTIONS["arch"], required=True)
     add_data_args(parser, batch_size=None)
     add_train_args(parser, {**_train_defaults(), **BASELINE_DEFAULTS})
     add_common_args(parser)
 
 
 def _train_defaults() -> dict:
-    from chip.train import TrainConfig
+    from chip.recipe import TrainConfig
 
     return TrainConfig().to_dict()
 
@@ -505,29 +570,47 @@ def _fit_and_save(args: argparse.Namespace, model: nn.Module, defaults: dict, ex
     from chip.artifact import save
     from chip.data import build_loader
     from chip.distributed import is_main_process
-    from chip.train import fit, load_checkpoint
+    from chip.train import fit, load_training_state
 
     tc = _train_config(args, defaults)
     with _distributed(args.device) as dist:
         train, val, info = _data(args)
-        train_loader = build_loader(train, tc.batch_size, train=True, workers=args.workers,
-                                    seed=tc.seed, distributed=False)
-        val_loader = build_loader(val, tc.batch_size, train=False, workers=args.workers,
-                                  distributed=False)
-        result = fit(model, train_loader, val_loader, tc, args.out_dir, device=dist.device,
-                     resume=args.resume, extra=extra, progress=not args.quiet)
+        train_loader = build_loader(
+            train, tc.batch_size, train=True, workers=args.workers, seed=tc.seed
+        )
+        val_loader = build_loader(val, tc.batch_size, train=False, workers=args.workers)
+        result = fit(
+            model,
+            train_loader,
+            val_loader,
+            tc,
+            args.out_dir,
+            device=dist.device,
+            resume=args.resume,
+            extra=extra,
+            progress=not args.quiet,
+        )
         if is_main_process():
-            load_checkpoint(args.out_dir / "best.pt", model)
-            save(model.cpu(), args.out_dir / "model.chip",
-                 extra={**extra, "best_top1": result["best_top1"],
-                        "best_epoch": result["best_epoch"], "data": info.name})
-        _echo(f"best val top-1 {result['best_top1']:.2f}% at epoch {result['best_epoch']}; "
-              f"model of that epoch -> {args.out_dir / 'model.chip'}")
+            load_training_state(args.out_dir / "best.pt", model)
+            save(
+                model.cpu(),
+                args.out_dir / "model.chip",
+                extra={
+                    **extra,
+                    "best_top1": result["best_top1"],
+                    "best_epoch": result["best_epoch"],
+                    "data": info.name,
+                },
+            )
+        _echo(
+            f"best val top-1 {result['best_top1']:.2f}% at epoch {result['best_epoch']}; "
+            f"model of that epoch -> {args.out_dir / 'model.chip'}"
+        )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chip.pipeline import BASELINE_DEFAULTS
+    from chip.recipe import BASELINE_DEFAULTS
     from chip.utils import seed_everything
 
     info = _data_info(args)
@@ -557,13 +640,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def get_args_parser_eval(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="model artifact (.chip)")
-    src.add_argument("--arch", help="zoo architecture (with --checkpoint)")
-    parser.add_argument("--checkpoint", type=Path, help="weights for --arch")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="allow full unpickling of a trusted checkpoint")
+    add_option(src, OPTIONS["arch"], help="zoo architecture (with --checkpoint)")
+    add_option(parser, OPTIONS["checkpoint"], help="weights for --arch")
+    add_option(parser, OPTIONS["trust_code"])
     add_data_args(parser, batch_size=256)
     parser.add_argument("--latency", action="store_true", help="also measure inference latency")
-    parser.add_argument("--latency-batch", type=_positive_int, default=1, help="batch size for --latency")
+    parser.add_argument(
+        "--latency-batch", type=_positive_int, default=1, help="batch size for --latency"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
     add_common_args(parser)
 
@@ -586,12 +670,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
             model = _model_from_args(args, info)
         size = (1, info.in_channels, *info.image_size)
         counts = count(model, size)
-        loader = shard_loader(build_loader(val, args.batch_size, train=False, workers=args.workers,
-                                           distributed=False), train=False)
+        loader = shard_loader(
+            build_loader(val, args.batch_size, train=False, workers=args.workers), train=False
+        )
         metrics = evaluate(model.to(dist.device), loader, dist.device)
-        result = {"model": str(args.model or args.checkpoint), "data": info.name, **metrics,
-                  "params": counts.params, "macs": counts.macs, "macs_convention": CONVENTION,
-                  "input_size": list(size)}
+        result = {
+            "model": str(args.model or args.checkpoint),
+            "data": info.name,
+            **metrics,
+            "params": counts.params,
+            "macs": counts.macs,
+            "macs_convention": CONVENTION,
+            "input_size": list(size),
+        }
         if args.latency and is_main_process():
             from chip.latency import measure_latency
 
@@ -604,8 +695,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def get_args_parser_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model artifact (.chip)")
     parser.add_argument("--format", choices=("torchscript", "onnx"), required=True)
-    parser.add_argument("--input-size", type=_int_list, default=None,
-                        help="C,H,W of one example input (default: the plan's input size)")
+    parser.add_argument(
+        "--input-size",
+        type=_int_list,
+        default=None,
+        help="C,H,W of one example input (default: the plan's input size)",
+    )
     parser.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset")
     parser.add_argument("--out", type=Path, required=True, help="output file (.pt / .onnx)")
     add_common_args(parser)
@@ -628,7 +723,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         path = export_onnx(model, args.out, example, opset=args.opset)
     else:
         path = export_torchscript(model, args.out, example)
-    _echo(f"wrote {args.format} model {path} (input 1x{'x'.join(map(str, size))}, batch axis dynamic)")
+    _echo(
+        f"wrote {args.format} model {path} (input 1x{'x'.join(map(str, size))}, batch axis dynamic)"
+    )
     return 0
 
 
@@ -639,23 +736,32 @@ def _eval_report(result: dict, as_json: bool) -> str:
     if as_json:
         return json.dumps(result)
     shape = "x".join(map(str, result["input_size"][1:]))
-    lines = [f"{result['model']} on {result['data']} ({result['n']} images): top-1 "
-             f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}",
-             f"params {_fmt_count(result['params'])}  MACs {_fmt_count(result['macs'])}  "
-             f"[{CONVENTION}, input {shape}]"]
+    lines = [
+        f"{result['model']} on {result['data']} ({result['n']} images): top-1 "
+        f"{result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}",
+        f"params {_fmt_count(result['params'])}  MACs {_fmt_count(result['macs'])}  "
+        f"[{CONVENTION}, input {shape}]",
+    ]
     if "latency" in result:
         lat = result["latency"]
-        lines.append(f"latency {lat['median_ms']:.3f} ms median (p10 {lat['p10_ms']:.3f}, "
-                     f"p90 {lat['p90_ms']:.3f}) at batch {lat['batch_size']} on {lat['device']}, "
-                     f"{lat['images_per_s']:.0f} images/s")
+        lines.append(
+            f"latency {lat['median_ms']:.3f} ms median (p10 {lat['p10_ms']:.3f}, "
+            f"p90 {lat['p90_ms']:.3f}) at batch {lat['batch_size']} on {lat['device']}, "
+            f"{lat['images_per_s']:.0f} images/s"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- run
 
 # command-line spellings -> dotted config keys
-RUN_ALIASES = {"data": "data.name", "data_dir": "data.root", "workers": "data.workers",
-               "batch_size": "data.batch_size", "image_size": "data.image_size"}
+RUN_ALIASES = {
+    "data": "data.name",
+    "data_dir": "data.root",
+    "workers": "data.workers",
+    "batch_size": "data.batch_size",
+    "image_size": "data.image_size",
+}
 RUN_FLAGS = ("quiet", "fresh")
 
 
@@ -665,7 +771,7 @@ def parse_overrides(tokens: Sequence[str]) -> tuple[dict[str, Any], set[str]]:
     Keys use ``-`` or ``_``; values are YAML scalars coerced to the key's type. Unknown keys
     raise :class:`UsageError` listing the valid keys.
     """
-    from chip.pipeline import coerce_value
+    from chip.config import coerce_value
 
     overrides: dict[str, Any] = {}
     flags: set[str] = set()
@@ -692,13 +798,13 @@ def parse_overrides(tokens: Sequence[str]) -> tuple[dict[str, Any], set[str]]:
 
 
 def get_args_parser_run(parser: argparse.ArgumentParser) -> None:
-    from chip.pipeline import valid_keys
-
-    parser.description = ("Run the whole pipeline (baseline, score, plan, prune, fine-tune, eval) "
-                          "into one run directory; finished stages are skipped on a re-run. "
-                          "Override any config key with --key value (dotted keys, e.g. "
-                          "--finetune.epochs 3; --data NAME sets data.name). Valid keys: "
-                          + ", ".join(valid_keys()))
+    parser.description = (
+        "Run the whole pipeline (baseline, score, plan, prune, fine-tune, eval) "
+        "into one run directory; finished stages are skipped on a re-run. "
+        "Override any config key with --key value (dotted keys, e.g. "
+        "--finetune.epochs 3; --data NAME sets data.name); the keys are in "
+        "configs/README.md."
+    )
     parser.add_argument("config", type=Path, help="YAML config (see configs/README.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--fresh", action="store_true", help="redo every stage")
@@ -706,7 +812,8 @@ def get_args_parser_run(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from chip.pipeline import load_config, merge_overrides, run
+    from chip.config import load_config, merge_overrides
+    from chip.pipeline import run
 
     overrides, flags = parse_overrides(args.overrides)
     cfg = merge_overrides(load_config(args.config), overrides)
@@ -722,10 +829,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def get_args_parser_report(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="output directory of chip run")
-    parser.add_argument("--no-latency", action="store_true",
-                        help="do not measure the batch-1 latency of the baseline and final models")
-    parser.add_argument("--device", default=None, help="where to measure latency (default: cpu)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--no-latency",
+        action="store_true",
+        help="do not measure the batch-1 latency of the baseline and final models",
+    )
+    add_option(parser, OPTIONS["device"], help="where to measure latency (default: cpu)")
+    add_option(parser, OPTIONS["threads"])
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -749,7 +859,11 @@ COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int], str]] =
     "eval": (get_args_parser_eval, cmd_eval, "accuracy, params, MACs (and latency) of a model"),
     "run": (get_args_parser_run, cmd_run, "the whole pipeline from a YAML config"),
     "export": (get_args_parser_export, cmd_export, "write a model artifact as TorchScript or ONNX"),
-    "report": (get_args_parser_report, cmd_report, "report.md and PNG figures of a chip run directory"),
+    "report": (
+        get_args_parser_report,
+        cmd_report,
+        "report.md and PNG figures of a chip run directory",
+    ),
 }
 
 
@@ -771,8 +885,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
-    if threads < 1:
-        raise UsageError(f"--threads must be a positive int, got {threads}")
     import torch
 
     torch.set_num_threads(threads)

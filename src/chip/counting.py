@@ -10,7 +10,7 @@ so it costs ``in_channels * out_channels / groups * prod(kernel_size)`` MACs per
 
     >>> counts = count(model, (1, 3, 32, 32))
     >>> print(format_count(counts.params), format_count(counts.macs))
-    0.85M 125.49M
+    0.853M 125.486M
 
 Counting runs one forward pass with forward hooks that exist only during the measurement; the model
 is left exactly as it was (same modules, buffers, training flags and device, no gradients).
@@ -28,9 +28,17 @@ import torch
 from torch import nn
 
 from chip.errors import ChipError
-from chip.utils import eval_mode
+from chip.utils import device_dtype, eval_mode
 
-__all__ = ["CONVENTION", "Counts", "LayerCount", "WidthCounter", "count", "format_count", "reduction"]
+__all__ = [
+    "CONVENTION",
+    "Counts",
+    "LayerCount",
+    "WidthCounter",
+    "count",
+    "format_count",
+    "reduction",
+]
 
 CONVENTION = "MACs of conv+linear layers, batch 1"
 
@@ -40,8 +48,9 @@ def _conv_macs(module: nn.Module, input: torch.Tensor | None, output: torch.Tens
     return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
-def _conv_transpose_macs(module: nn.Module, input: torch.Tensor | None,
-                         output: torch.Tensor) -> int:
+def _conv_transpose_macs(
+    module: nn.Module, input: torch.Tensor | None, output: torch.Tensor
+) -> int:
     """Every input element is multiplied into ``out_channels / groups * prod(kernel)`` outputs, i.e.
     ``in_channels * out_channels / groups * prod(kernel)`` MACs per input position (bias not
     counted; outputs cropped by ``padding`` are counted too: the product is still computed)."""
@@ -109,8 +118,11 @@ class Counts:
         """Inverse of :meth:`to_dict`."""
         layers = tuple(
             LayerCount(
-                **{**layer, "in_shape": tuple(layer["in_shape"]),
-                   "out_shape": tuple(layer["out_shape"])}
+                **{
+                    **layer,
+                    "in_shape": tuple(layer["in_shape"]),
+                    "out_shape": tuple(layer["out_shape"]),
+                }
             )
             for layer in d.get("layers", ())
         )
@@ -126,8 +138,14 @@ class Counts:
         """Aligned text table of the per-layer breakdown, with a total row."""
         header = ("layer", "kind", "in_shape", "out_shape", "params", "MACs")
         rows = [
-            (layer.name, layer.kind, _shape_str(layer.in_shape), _shape_str(layer.out_shape),
-             f"{layer.params:,}", f"{layer.macs:,}")
+            (
+                layer.name,
+                layer.kind,
+                _shape_str(layer.in_shape),
+                _shape_str(layer.out_shape),
+                f"{layer.params:,}",
+                f"{layer.macs:,}",
+            )
             for layer in self.layers
         ]
         rows.append(("total", "", "", "", f"{self.params:,}", f"{self.macs:,}"))
@@ -142,12 +160,15 @@ class Counts:
             return "  ".join(cells).rstrip()
 
         rule = "-" * len(fmt(header))
-        return "\n".join([fmt(header), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1]),
-                          f"({self.convention})"])
+        return "\n".join(
+            [fmt(header), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1]), f"({self.convention})"]
+        )
 
     def __str__(self) -> str:
-        return (f"params {format_count(self.params)}, MACs {format_count(self.macs)} "
-                f"({self.convention}, input {_shape_str(self.input_size)})")
+        return (
+            f"params {format_count(self.params)}, MACs {format_count(self.macs)} "
+            f"({self.convention}, input {_shape_str(self.input_size)})"
+        )
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -158,8 +179,8 @@ def _shape_str(shape: Sequence[int]) -> str:
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
-def format_count(n: int | float, unit: str = "M", digits: int = 2) -> str:
-    """Format a count in a fixed unit, the paper's style: ``853018 -> "0.85M"``.
+def format_count(n: int | float, unit: str = "M", digits: int = 3) -> str:
+    """Format a count in a fixed unit: ``853018 -> "0.853M"`` (chip prints every count so).
 
     ``unit`` is one of ``"", "K", "M", "G", "T"``.
     """
@@ -175,7 +196,7 @@ def reduction(before: int | float, after: int | float) -> float:
     return 100.0 * (1.0 - after / before)
 
 
-def _check_input_size(input_size) -> tuple[int, ...]:
+def check_input_size(input_size) -> tuple[int, ...]:
     """``input_size`` must be (batch, channels, *spatial) with positive ints."""
     try:
         size = tuple(input_size)
@@ -190,14 +211,6 @@ def _check_input_size(input_size) -> tuple[int, ...]:
             "e.g. (1, 3, 32, 32)"
         )
     return size
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device of the first parameter/buffer (CPU if none) and the first floating dtype."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    device = tensors[0].device if tensors else torch.device("cpu")
-    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-    return device, dtype
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -215,7 +228,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 def on_device(model: nn.Module, device=None, memory_format=None) -> nn.Module:
     """The model itself if it is already on ``device`` (None: wherever it is) and no memory format
     change is asked for; otherwise a moved deep copy, so the caller's model is never touched."""
-    current, _ = _model_device_dtype(model)
+    current, _ = device_dtype(model)
     target = current if device is None else torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ChipError(f"device {str(target)!r} is not available here; expected 'cpu' or None")
@@ -276,10 +289,10 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> Counts:
     batch 1, so MACs are per image). ``device`` (default: where the model is) is where the pass
     runs; a model elsewhere is measured on a copy. The model is left exactly as it was.
     """
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     params = sum(p.numel() for p in model.parameters())
     work = on_device(model, device)
-    dev, dtype = _model_device_dtype(work)
+    dev, dtype = device_dtype(work)
     x = torch.zeros((1, *size[1:]), device=dev, dtype=dtype)
     try:
         layers = _measure(work, x)
@@ -296,7 +309,6 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> Counts:
         input_size=size,
         layers=tuple(layers),
     )
-
 
 
 # -- counts for any group widths (planning) -----------------------------------------------------
@@ -316,8 +328,13 @@ class _Layout:
 
 def _layout(module: nn.Module) -> _Layout | None:
     if isinstance(module, nn.modules.conv._ConvNd):
-        return _Layout("conv", module.out_channels, module.in_channels, module.groups,
-                       math.prod(module.kernel_size))
+        return _Layout(
+            "conv",
+            module.out_channels,
+            module.in_channels,
+            module.groups,
+            math.prod(module.kernel_size),
+        )
     if isinstance(module, nn.Linear):
         return _Layout("linear", module.out_features, module.in_features)
     if isinstance(module, _CHANNEL_LAYERS):
@@ -329,8 +346,9 @@ def _layout(module: nn.Module) -> _Layout | None:
     if pruner is None:
         return None
     shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
-    return _Layout("custom", pruner.get_out_channels(module), pruner.get_in_channels(module),
-                   shapes=shapes)
+    return _Layout(
+        "custom", pruner.get_out_channels(module), pruner.get_in_channels(module), shapes=shapes
+    )
 
 
 _CHANNEL_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
@@ -411,7 +429,9 @@ class WidthCounter:
         axes: dict[str, int] = {}
         for g in graph:
             for m in g.members:
-                deps.setdefault(m.name, {"out": [], "in": []})[m.kind].append((g.name, m.index.shape[1]))
+                deps.setdefault(m.name, {"out": [], "in": []})[m.kind].append(
+                    (g.name, m.index.shape[1])
+                )
                 axes[m.name] = m.axis
         self._deps = deps
         modules = dict(model.named_modules())
@@ -440,9 +460,11 @@ class WidthCounter:
                 if fresh:
                     layout = _layout(modules[name])
                     if layout is None:
-                        raise ChipError(f"chip cannot count the parameters of "
-                                        f"{type(modules[name]).__name__} {name} after pruning; "
-                                        "expected a conv, linear or norm layer")
+                        raise ChipError(
+                            f"chip cannot count the parameters of "
+                            f"{type(modules[name]).__name__} {name} after pruning; "
+                            "expected a conv, linear or norm layer"
+                        )
                     self._modules.append((layout, fresh, dep))
         self._fixed_params = sum(p.numel() for p in model.parameters() if id(p) not in counted)
 

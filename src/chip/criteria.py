@@ -1,7 +1,11 @@
 """Channel criteria behind one entry point, so every comparison prunes to identical widths.
 
-``chip.score(model, loader, criterion)`` returns :class:`~chip.calibration.ChannelScores` for any
-criterion of :data:`CRITERION_NAMES`; :func:`chip.plan` then turns them into kept sets. The widths a
+``chip.score(model, loader, criterion)`` is the one entry point: it returns
+:class:`~chip.calibration.ChannelScores` for any criterion of the table :data:`CRITERIA` (name ->
+function, and whether it needs data); :func:`chip.plan` then turns them into kept sets. The CLI,
+``chip run`` configs and the stability check take their criterion names from the same table.
+(``chip.calibrate`` is the data pass behind the data criteria; it stays public because it also takes
+a custom per-map criterion.) The widths a
 plan gives depend only on the target and the model, never on the scores, so for one target every
 criterion prunes to the same architecture and only the kept indices differ.
 
@@ -27,25 +31,57 @@ batch or the zoo architecture's input size):
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn as nn
-
-from . import __version__
-from .calibration import CRITERIA, ChannelScores, _example_from, calibrate
 from .errors import ChipError
-from .groups import ChannelGroup, GroupGraph, find_groups
 
-__all__ = ["CRITERION_NAMES", "DATA_CRITERIA", "WEIGHT_CRITERIA", "l1_scores", "random_scores",
-           "score"]
+if TYPE_CHECKING:  # the table is importable without torch (the CLI builds its parser from it)
+    import torch
+    import torch.nn as nn
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_WEIGHTED = _CONV + (nn.Linear,)
+    from .calibration import ChannelScores
+    from .groups import ChannelGroup, GroupGraph
+
+__all__ = ["CRITERIA", "Criterion", "get_criterion", "l1_scores", "random_scores", "score"]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One channel criterion (larger score = keep).
+
+    Data criteria (``needs_data``) map a hook point's (N, C, ...) maps to (N, C) per-sample
+    scores, averaged over the calibration samples by :func:`chip.calibrate`; the others map
+    ``(model, graph)`` (plus ``seed`` when ``seeded``) to ``{group name: (C,) float64 scores}``.
+    """
+
+    name: str
+    needs_data: bool
+    fn: Callable
+    help: str
+    seeded: bool = False
+
+
+def _chip(fmaps: torch.Tensor) -> torch.Tensor:
+    from .ci import channel_independence
+
+    return channel_independence(fmaps)
+
+
+def _hrank(fmaps: torch.Tensor) -> torch.Tensor:
+    from .ci import channel_rank
+
+    if fmaps.dim() < 4:  # a linear layer's input: each channel is a 1 x r map
+        fmaps = fmaps.reshape(fmaps.shape[0], fmaps.shape[1], 1, -1)
+    return channel_rank(fmaps)
 
 
 def _filter_l1(module: nn.Module) -> torch.Tensor:
     """(out_channels,) float64 L1 norms of ``module``'s filters (one per output channel)."""
+    import torch
+    import torch.nn as nn
+
     weight = module.weight.detach()
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         # (in, out / groups, k...): output channel o of group g is column o of that group's rows
@@ -62,57 +98,84 @@ def _group_l1(model: nn.Module, graph: GroupGraph, group: ChannelGroup) -> torch
     The channel order is the group's; each producer's output positions come from its member index
     table (group channel ``c`` is the producer's output ``index[c, 0]``).
     """
+    import torch
+    import torch.nn as nn
+
     total = torch.zeros(group.channels, dtype=torch.float64)
     seen = 0
     for member in group.members:
         if member.kind != "out" or member.name not in group.producers:
             continue
         module = model.get_submodule(member.name)
-        if not isinstance(module, _WEIGHTED):
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
         total += _filter_l1(module).cpu()[member.index[:, 0]]
         seen += 1
     if not seen:
-        raise ChipError(f"group {group.name!r} has no conv/linear producer with weights; "
-                        "the l1 criterion needs one (use chip, hrank or random)")
+        raise ChipError(
+            f"group {group.name!r} has no conv/linear producer with weights; "
+            "the l1 criterion needs one (use chip, hrank or random)"
+        )
     return total / seen
 
 
-def l1_scores(model: nn.Module, graph: GroupGraph, seed: int | None = 0) -> dict[str, torch.Tensor]:
-    """``{group: (C,) float64}`` filter L1 norms (see the module docstring); ``seed`` is unused."""
+def l1_scores(model: nn.Module, graph: GroupGraph) -> dict[str, torch.Tensor]:
+    """``{group: (C,) float64}`` filter L1 norms (see the module docstring)."""
     return {g.name: _group_l1(model, graph, g) for g in graph}
 
 
-def random_scores(model: nn.Module, graph: GroupGraph, seed: int | None = 0) -> dict[str, torch.Tensor]:
+def random_scores(
+    model: nn.Module, graph: GroupGraph, seed: int | None = 0
+) -> dict[str, torch.Tensor]:
     """``{group: (C,) float64}`` uniform scores from one generator seeded with ``seed``."""
+    import torch
+
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     return {g.name: torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in graph}
 
 
-# criteria that need no data: (model, graph, seed) -> {group: scores}
-WEIGHT_CRITERIA: dict[str, Callable[[nn.Module, GroupGraph, int | None], dict[str, torch.Tensor]]] = {
-    "l1": l1_scores,
-    "random": random_scores,
+CRITERIA: dict[str, Criterion] = {
+    c.name: c
+    for c in (
+        Criterion("chip", True, _chip, "channel independence (the paper's criterion)"),
+        Criterion("hrank", True, _hrank, "feature-map rank (HRank)"),
+        Criterion("l1", False, l1_scores, "filter L1 norm (Li et al. 2017)"),
+        Criterion(
+            "random", False, random_scores, "seeded uniform scores (the control)", seeded=True
+        ),
+    )
 }
-# criteria computed from feature maps by calibrate()
-DATA_CRITERIA: tuple[str, ...] = tuple(CRITERIA)
-CRITERION_NAMES: tuple[str, ...] = DATA_CRITERIA + tuple(WEIGHT_CRITERIA)
+"""Every criterion by name: the one table the library, the CLI and run configs use."""
+
+
+def get_criterion(name: str, key: str = "criterion") -> Criterion:
+    """The table entry ``name``; :class:`ChipError` naming ``key`` and the valid names if none."""
+    try:
+        return CRITERIA[name]
+    except (KeyError, TypeError):
+        raise ChipError(f"unknown {key} {name!r}; expected one of {', '.join(CRITERIA)}") from None
 
 
 def _example_inputs(model: nn.Module, loader, example_inputs) -> torch.Tensor:
     """A small input batch to trace ``model`` on, in its device and dtype."""
+    import torch
+
+    from .calibration import first_batch
+
     first = next(iter(model.parameters()))
     if example_inputs is not None:
         x = example_inputs
     elif loader is not None:
-        x = _example_from(loader)
+        x = first_batch(loader)
     elif getattr(model, "chip_arch", None) is not None:
-        from .planning import _default_input_size
+        from .planning import default_input_size
 
-        x = torch.zeros(_default_input_size(model, model.chip_arch))
+        x = torch.zeros(default_input_size(model, model.chip_arch))
     else:
-        raise ChipError("cannot trace the model: pass example_inputs (e.g. torch.zeros(1, 3, 32, 32)) "
-                        "or a loader, or use a chip.models zoo model")
+        raise ChipError(
+            "cannot trace the model: pass example_inputs (e.g. torch.zeros(1, 3, 32, 32)) "
+            "or a loader, or use a chip.models zoo model"
+        )
     if not isinstance(x, torch.Tensor):
         raise ChipError(f"example_inputs must be a tensor, got {type(x).__name__}")
     return x.to(device=first.device, dtype=first.dtype if x.is_floating_point() else x.dtype)
@@ -134,8 +197,8 @@ def score(
 
     Args:
         model: any torchvision-style CNN (a zoo model knows its input size).
-        loader: calibration batches; required by the data criteria (``chip``, ``hrank``).
-        criterion: one of :data:`CRITERION_NAMES`.
+        loader: calibration batches; required by the criteria that need data.
+        criterion: a name in :data:`CRITERIA`.
         num_batches: calibration batches for the data criteria.
         seed: RNG seed (calibration RNGs; the ``random`` criterion's generator).
         device: where the data criteria run (default: CUDA if available).
@@ -147,20 +210,43 @@ def score(
     Returns:
         :class:`ChannelScores` with ``meta["criterion"]`` set. Weight criteria have no hook points
         (``points`` is empty) and ``num_samples == 0``.
+
+    Raises:
+        ChipError: an unknown criterion, or a data criterion without a loader.
     """
-    if criterion in DATA_CRITERIA:
+    import torch
+
+    from . import __version__
+    from .calibration import ChannelScores, calibrate
+    from .groups import find_groups
+
+    entry = get_criterion(criterion)
+    if entry.needs_data:
         if loader is None:
-            raise ChipError(f"criterion {criterion!r} needs calibration data; pass a loader "
-                            f"(or use one of {sorted(WEIGHT_CRITERIA)}, which need none)")
-        return calibrate(model, loader, num_batches, device=device, seed=seed, criterion=criterion,
-                         graph=graph, progress=progress)
-    scorer = WEIGHT_CRITERIA.get(criterion) if isinstance(criterion, str) else None
-    if scorer is None:
-        raise ChipError(f"unknown criterion {criterion!r}; expected one of {list(CRITERION_NAMES)}")
-    if graph is None:
+            free = ", ".join(n for n, c in CRITERIA.items() if not c.needs_data)
+            raise ChipError(
+                f"criterion {criterion!r} needs calibration data; pass a loader "
+                f"(or use one of {free}, which need none)"
+            )
+        return calibrate(
+            model,
+            loader,
+            num_batches,
+            device=device,
+            seed=seed,
+            criterion=criterion,
+            graph=graph,
+            progress=progress,
+        )
+    own_graph = graph is None
+    if own_graph:
         graph = find_groups(model, _example_inputs(model, loader, example_inputs), check=False)
-    with torch.no_grad():
-        groups = scorer(model, graph, seed)
+    try:
+        with torch.no_grad():
+            groups = entry.fn(model, graph, seed) if entry.seeded else entry.fn(model, graph)
+    finally:
+        if own_graph:
+            graph.release()
     return ChannelScores(
         groups=groups,
         num_samples=0,

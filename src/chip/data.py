@@ -44,7 +44,6 @@ import torchvision
 from torch.utils.data import (
     DataLoader,
     Dataset,
-    DistributedSampler,
     RandomSampler,
     SequentialSampler,
     Subset,
@@ -60,10 +59,13 @@ __all__ = [
     "DatasetInfo",
     "SeededItems",
     "SyntheticDataset",
+    "Resized",
+    "build_data",
     "build_datasets",
     "build_loader",
     "calibration_loader",
     "dataset_names",
+    "data_info",
     "get_dataset_info",
     "read_idx",
 ]
@@ -235,15 +237,20 @@ class _ArrayUnpickler(pickle.Unpickler):
     that asks for any other callable (the way a pickle runs code) is refused."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name} (only arrays, lists, dicts and strings allowed)")
+                f"refusing to load {module}.{name} (only arrays, lists, dicts and strings allowed)"
+            )
         return super().find_class(module, name)
 
 
@@ -771,6 +778,86 @@ def build_datasets(
 
 
 # --------------------------------------------------------------------------------------------
+# resizing and subsets (what chip run and the CLI build)
+# --------------------------------------------------------------------------------------------
+
+
+class Resized(Dataset):
+    """Bilinear (antialiased) resize of every image tensor to ``size`` x ``size``."""
+
+    def __init__(self, dataset: Dataset, size: int):
+        self.dataset, self.size = dataset, int(size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        image = F.interpolate(
+            image[None],
+            size=(self.size, self.size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0]
+        return image, label
+
+
+def _subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
+    """A seeded random subset of at most ``n`` items (indices ascending), or the dataset."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise ChipError(f"subset size must be a positive int, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    return Subset(dataset, sorted(torch.randperm(len(dataset), generator=g)[:n].tolist()))
+
+
+def _dataset_options(
+    name: str, image_size: int | None, options: Mapping | None
+) -> tuple[dict, bool]:
+    """Options for chip.data and whether the images still need resizing here."""
+    opts = dict(options or {})
+    entry = DATASETS.get(name.lower())
+    native = entry is not None and "image_size" in entry.options
+    if image_size is not None and native:
+        opts["image_size"] = image_size
+    return opts, image_size is not None and not native
+
+
+def data_info(name: str, root=None, image_size: int | None = None, options: Mapping | None = None):
+    """The :class:`chip.data.DatasetInfo` of a dataset as :func:`build_data` yields it."""
+    opts, resize = _dataset_options(name, image_size, options)
+    info = get_dataset_info(name, root, **opts)
+    if resize:
+        info = replace(info, image_size=(image_size, image_size))
+    return info
+
+
+def build_data(
+    name: str,
+    root=None,
+    *,
+    image_size: int | None = None,
+    train_subset: int | None = None,
+    val_subset: int | None = None,
+    options: Mapping | None = None,
+    seed: int = 0,
+    train_augment: bool = True,
+    download: bool = False,
+):
+    """``(train, val, info)`` of :func:`chip.data.build_datasets` with resizing and subsets."""
+    opts, resize = _dataset_options(name, image_size, options)
+    train, val, info = build_datasets(
+        name, root, train_augment=train_augment, download=download, **opts
+    )
+    if resize:
+        train, val = Resized(train, image_size), Resized(val, image_size)
+        info = replace(info, image_size=(image_size, image_size))
+    return _subset(train, train_subset, seed), _subset(val, val_subset, seed + 1), info
+
+
+# --------------------------------------------------------------------------------------------
 # loaders
 # --------------------------------------------------------------------------------------------
 
@@ -780,10 +867,6 @@ def _seed_numpy_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def _dist_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -791,22 +874,14 @@ def build_loader(
     train: bool,
     workers: int = 0,
     seed: int = 0,
-    distributed: bool | None = None,
     drop_last: bool | None = None,
-    num_replicas: int | None = None,
-    rank: int | None = None,
 ) -> DataLoader:
     """A DataLoader for training (``train=True``: shuffled) or evaluation (in order).
 
-    Distributed when ``distributed=True``, or when it is ``None`` and a process group is
-    initialised (or ``num_replicas`` is given): a ``DistributedSampler(shuffle=train,
-    seed=seed)``. **The caller must then call** ``loader.sampler.set_epoch(epoch)`` at the
-    start of every epoch, or every epoch repeats the same order. Note that DistributedSampler
-    pads the dataset by repeating items so that every rank gets equally many.
-
-    Otherwise training uses a ``RandomSampler`` driven by a ``torch.Generator`` seeded with
-    ``seed`` (a new permutation every epoch, the same sequence of epochs for the same seed) and
-    evaluation a ``SequentialSampler``.
+    Training uses a ``RandomSampler`` driven by a ``torch.Generator`` seeded with ``seed`` (a new
+    permutation every epoch, the same sequence of epochs for the same seed), evaluation a
+    ``SequentialSampler``. Under torchrun, :func:`chip.distributed.shard_loader` turns either
+    into one shard per process (what ``chip.train.fit`` does).
 
     ``drop_last=None`` means: drop the last partial batch when training, unless that would
     leave no batch at all. ``pin_memory`` is on when CUDA is available; workers persist between
@@ -814,28 +889,12 @@ def build_loader(
     """
     if batch_size < 1:
         raise ChipError(f"batch_size must be a positive int, got {batch_size!r}")
-    use_dist = distributed
-    if use_dist is None:
-        use_dist = num_replicas is not None or _dist_initialized()
-    if use_dist:
-        if num_replicas is None and not _dist_initialized():
-            raise ChipError(
-                "distributed loader requested but torch.distributed is not "
-                "initialised; init a process group or pass num_replicas and rank"
-            )
-        sampler = DistributedSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=train, seed=seed
-        )
-        per_replica = sampler.num_samples
-    elif train:
-        generator = torch.Generator().manual_seed(seed)
-        sampler = RandomSampler(dataset, generator=generator)
-        per_replica = len(dataset)
+    if train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
         sampler = SequentialSampler(dataset)
-        per_replica = len(dataset)
     if drop_last is None:
-        drop_last = train and per_replica >= batch_size
+        drop_last = train and len(dataset) >= batch_size
     return DataLoader(
         dataset,
         batch_size=batch_size,

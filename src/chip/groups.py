@@ -53,7 +53,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.ops import OPTYPE
 
 from .errors import ChipError
-from .utils import eval_mode
+from .utils import device_dtype, eval_mode, first_line
 
 __all__ = [
     "ChannelGroup",
@@ -82,10 +82,43 @@ _REFUSED = {
 }
 _OUTPUT_REASON = f"its channels {_REFUSED[OPTYPE.OUTPUT]}"
 # element-wise ops that never move channels (others are named in refusal messages)
-_PLAIN_OPS = ("add", "sub", "mul", "div", "relu", "hardtanh", "sigmoid", "hardsigmoid", "hardswish",
-              "silu", "gelu", "elu", "leakyrelu", "tanh", "softplus", "mish", "clamp", "pool",
-              "upsample", "clone", "neg", "dropout", "mean", "cat", "view", "reshape", "flatten",
-              "unsafeview", "accumulategrad", "threshold", "exp", "sqrt", "rsqrt", "pow", "where")
+_PLAIN_OPS = (
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "relu",
+    "hardtanh",
+    "sigmoid",
+    "hardsigmoid",
+    "hardswish",
+    "silu",
+    "gelu",
+    "elu",
+    "leakyrelu",
+    "tanh",
+    "softplus",
+    "mish",
+    "clamp",
+    "pool",
+    "upsample",
+    "clone",
+    "neg",
+    "dropout",
+    "mean",
+    "cat",
+    "view",
+    "reshape",
+    "flatten",
+    "unsafeview",
+    "accumulategrad",
+    "threshold",
+    "exp",
+    "sqrt",
+    "rsqrt",
+    "pow",
+    "where",
+)
 
 # module type -> customized Torch-Pruning pruner (filled by register_pruner)
 CUSTOM_PRUNERS: dict[type, tp.pruner.BasePruningFunc] = {}
@@ -228,11 +261,15 @@ class ChannelGroup:
         unit); without scores the first units of each cell.
         """
         if k % self.step or not 0 < k <= self.channels:
-            raise ChipError(f"group {self.name!r}: width {k} is not a multiple of its step "
-                            f"{self.step} in [1, {self.channels}]")
+            raise ChipError(
+                f"group {self.name!r}: width {k} is not a multiple of its step "
+                f"{self.step} in [1, {self.channels}]"
+            )
         if scores is not None and scores.numel() != self.channels:
-            raise ChipError(f"scores have {scores.numel()} channels but group {self.name!r} has "
-                            f"{self.channels}; were they computed on this model?")
+            raise ChipError(
+                f"scores have {scores.numel()} channels but group {self.name!r} has "
+                f"{self.channels}; were they computed on this model?"
+            )
         per_cell = k // self.step
         if scores is None:
             unit_scores = torch.zeros(len(self.units), dtype=torch.float64)
@@ -252,12 +289,16 @@ class ChannelGroup:
         unit_mask = mask[self.units]
         whole = unit_mask.all(1)
         if not torch.equal(whole, unit_mask.any(1)):
-            raise ChipError(f"group {self.name!r}: the kept channels split a unit of channels that "
-                            f"must be kept or removed together (units of {self.units.shape[1]})")
+            raise ChipError(
+                f"group {self.name!r}: the kept channels split a unit of channels that "
+                f"must be kept or removed together (units of {self.units.shape[1]})"
+            )
         counts = torch.bincount(self.unit_cell[whole], minlength=self.num_cells)
         if len(set(counts.tolist())) != 1:
-            raise ChipError(f"group {self.name!r}: every one of its {self.num_cells} channel blocks "
-                            f"must keep the same number of channels, got {counts.tolist()}")
+            raise ChipError(
+                f"group {self.name!r}: every one of its {self.num_cells} channel blocks "
+                f"must keep the same number of channels, got {counts.tolist()}"
+            )
 
 
 class GroupGraph:
@@ -268,8 +309,14 @@ class GroupGraph:
     itself (``None`` when the groups were found on a checked copy).
     """
 
-    def __init__(self, model: nn.Module, dg, groups: list[ChannelGroup],
-                 skipped: dict[str, str] | None = None, all_groups: list[ChannelGroup] = ()):
+    def __init__(
+        self,
+        model: nn.Module,
+        dg,
+        groups: list[ChannelGroup],
+        skipped: dict[str, str] | None = None,
+        all_groups: list[ChannelGroup] = (),
+    ):
         self.model = model
         self.dg = dg
         self.counter = None  # a chip.counting.WidthCounter, when one was built while checking
@@ -314,14 +361,21 @@ class GroupGraph:
 
     def without(self, bad: dict[str, str]) -> GroupGraph:
         """A copy with the groups in ``bad`` moved to :attr:`skipped` (with their reasons)."""
-        return GroupGraph(self.model, self.dg, [g for g in self.groups if g.name not in bad],
-                          {**self.skipped, **bad}, self.all_groups)
+        return GroupGraph(
+            self.model,
+            self.dg,
+            [g for g in self.groups if g.name not in bad],
+            {**self.skipped, **bad},
+            self.all_groups,
+        )
 
     def pruning_group(self, name: str, removed: Sequence[int], *, frozen: bool = False):
         """The Torch-Pruning group that removes channels ``removed`` of group ``name``."""
         if self.dg is None:
-            raise ChipError("this group graph was found on a checked copy; trace the model itself "
-                            "(find_groups(model, x, check=False)) to prune it")
+            raise ChipError(
+                "this group graph was found on a checked copy; trace the model itself "
+                "(find_groups(model, x, check=False)) to prune it"
+            )
         group = self[name]
         root = self.model.get_submodule(group.root)
         pruner = self.dg.get_pruner_of_module(root)
@@ -360,9 +414,14 @@ class GroupGraph:
         self.dg.module2node[new].module = new
 
 
-_MAPPINGS = ("update_concat_index_mapping", "update_split_index_mapping",
-             "update_reshape_index_mapping", "update_unbind_index_mapping",
-             "update_expand_index_mapping", "update_slice_index_mapping")
+_MAPPINGS = (
+    "update_concat_index_mapping",
+    "update_split_index_mapping",
+    "update_reshape_index_mapping",
+    "update_unbind_index_mapping",
+    "update_expand_index_mapping",
+    "update_slice_index_mapping",
+)
 
 
 @contextlib.contextmanager
@@ -381,15 +440,23 @@ def _tolerant_mappings(unmapped: set, frozen: bool = False, limit: int = 20_000)
     groups of a plan before pruning any), and the refresh is the slow part on models with many
     concatenations (DenseNet: quadratic in their inputs).
     """
-    originals = {name: getattr(tp_index_mapping, name) for name in _MAPPINGS + ("update_index_mapping",)}
+    originals = {
+        name: getattr(tp_index_mapping, name) for name in _MAPPINGS + ("update_index_mapping",)
+    }
 
     def guard(name):
         def guarded(graph, node):
             if node in unmapped:
                 return
-            deps = [*node.dependencies,
-                    *(d for n in node.inputs + node.outputs for d in n.dependencies
-                      if d.target is node)]
+            deps = [
+                *node.dependencies,
+                *(
+                    d
+                    for n in node.inputs + node.outputs
+                    for d in n.dependencies
+                    if d.target is node
+                ),
+            ]
             before = [list(d.index_mapping) for d in deps]
             try:
                 originals[name](graph, node)
@@ -461,8 +528,9 @@ def _feeds_linear_only(node) -> bool:
     return bool(seen)
 
 
-def find_groups(model: nn.Module, example_inputs: torch.Tensor, *, check: bool = True,
-                seed: int = 0) -> GroupGraph:
+def find_groups(
+    model: nn.Module, example_inputs: torch.Tensor, *, check: bool = True, seed: int = 0
+) -> GroupGraph:
     """Trace ``model`` on ``example_inputs`` (N, C, ...) and return its channel groups.
 
     Tracing runs in eval mode with autograd on (Torch-Pruning traces grad_fns); every submodule's
@@ -479,7 +547,10 @@ def find_groups(model: nn.Module, example_inputs: torch.Tensor, *, check: bool =
     from .prune import check_groups, probe_copy
 
     work = probe_copy(model, seed)
-    x = example_inputs.to(device=_device_of(work), dtype=_float_dtype(work, example_inputs))
+    device, dtype = device_dtype(work)
+    x = example_inputs.to(
+        device=device, dtype=dtype if example_inputs.is_floating_point() else example_inputs.dtype
+    )
     graph = _trace_groups(work, x)
     bad = check_groups(model, graph, example_inputs, seed=seed)
     graph.release()
@@ -489,16 +560,6 @@ def find_groups(model: nn.Module, example_inputs: torch.Tensor, *, check: bool =
     return result
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def _float_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return first.dtype if first is not None else x.dtype
-
-
 def _trace_groups(model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
     _register_builtin_pruners()
     names = {m: n for n, m in model.named_modules()}
@@ -506,8 +567,12 @@ def _trace_groups(model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
     with eval_mode(model), torch.enable_grad():
         dg, shapes = _build_graph(model, example_inputs, names)
         with _tolerant_mappings(dg.chip_unmapped, frozen=True, limit=_walk_limit(dg)):
-            found = [_convert(g, dg, names, order, shapes) if isinstance(g, tp.dependency.Group)
-                     else (_untraceable(g[0], names, g[1]), g[1]) for g in _tp_groups(dg)]
+            found = [
+                _convert(g, dg, names, order, shapes)
+                if isinstance(g, tp.dependency.Group)
+                else (_untraceable(g[0], names, g[1]), g[1])
+                for g in _tp_groups(dg)
+            ]
     found = [f for f in found if f is not None]
     found.sort(key=lambda f: order.get(f[0].name, len(order)))
     prunable = [g for g, reason in found if reason is None]
@@ -540,7 +605,9 @@ def _build_graph(model: nn.Module, example_inputs: torch.Tensor, names):
             )
     except Exception as exc:  # noqa: BLE001 - a model that does not run is the user's input
         _check_runs(model, example_inputs)
-        raise ChipError(f"Torch-Pruning cannot trace the model ({_first_line(exc)})") from None
+        raise ChipError(
+            f"Torch-Pruning cannot trace the model ({first_line(exc, with_type=True)})"
+        ) from None
     finally:
         for h in handles:
             h.remove()
@@ -561,11 +628,15 @@ def _tp_groups(dg):
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         try:
-            group = dg.get_pruning_group(module, pruner.prune_out_channels,
-                                         list(range(pruner.get_out_channels(module))))
+            group = dg.get_pruning_group(
+                module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+            )
         except Exception as exc:  # noqa: BLE001 - Torch-Pruning's failure refuses this group only
             visited.add(module)
-            yield module, f"Torch-Pruning cannot follow its channels ({_first_line(exc)})"
+            yield (
+                module,
+                f"Torch-Pruning cannot follow its channels ({first_line(exc, with_type=True)})",
+            )
             continue
         for item in group:
             if dg.is_out_channel_pruning_fn(item.dep.handler):
@@ -577,8 +648,9 @@ def _untraceable(module, names, reason: str) -> ChannelGroup:
     """A placeholder group for a root whose Torch-Pruning group could not be built."""
     name = names.get(module, "?")
     channels = getattr(module, "out_channels", None) or getattr(module, "out_features", 1)
-    return ChannelGroup(name=name, channels=channels, producers=(name,), consumers=(),
-                        members=(), root=name)
+    return ChannelGroup(
+        name=name, channels=channels, producers=(name,), consumers=(), members=(), root=name
+    )
 
 
 def _shape_hook(shapes: dict, names):
@@ -588,8 +660,10 @@ def _shape_hook(shapes: dict, names):
         name = names.get(module)
         if name not in shapes:
             inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            shapes[name] = (tuple(inp.shape) if inp is not None else None,
-                            tuple(output.shape) if isinstance(output, torch.Tensor) else None)
+            shapes[name] = (
+                tuple(inp.shape) if inp is not None else None,
+                tuple(output.shape) if isinstance(output, torch.Tensor) else None,
+            )
 
     return hook
 
@@ -600,19 +674,16 @@ def _check_runs(model: nn.Module, x: torch.Tensor) -> None:
         with torch.inference_mode():
             model(x)
     except Exception as exc:  # noqa: BLE001 - a model that does not run is the user's input
-        raise ChipError(f"the model does not run on an input of shape {tuple(x.shape)}: "
-                        f"{_first_line(exc, with_type=False)}; expected (batch, channels, "
-                        "*spatial) that the model accepts") from None
+        raise ChipError(
+            f"the model does not run on an input of shape {tuple(x.shape)}: "
+            f"{first_line(exc)}; expected (batch, channels, "
+            "*spatial) that the model accepts"
+        ) from None
 
 
-def _first_line(exc: BaseException, with_type: bool = True) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    if not with_type:
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _index_table(idxs: Sequence[int], root_idxs: Sequence[int], channels: int) -> torch.Tensor | None:
+def _index_table(
+    idxs: Sequence[int], root_idxs: Sequence[int], channels: int
+) -> torch.Tensor | None:
     """(C, r) table of positions per root channel, or None when channels map unevenly."""
     per_root: list[list[int]] = [[] for _ in range(channels)]
     for i, r in zip(idxs, root_idxs):
@@ -694,7 +765,9 @@ def _convert(tp_group, dg, names, order, shapes):
             b.refuse(f"its {b.channels} channels do not fit the {size} channels of {name}")
             continue
         if node.type in _LEAF_TYPES:
-            _add_leaf(b, node.type, module, name, table, dg.is_out_channel_pruning_fn(item.dep.handler))
+            _add_leaf(
+                b, node.type, module, name, table, dg.is_out_channel_pruning_fn(item.dep.handler)
+            )
         elif node.type in _CARRIER_TYPES:
             _add_carrier(b, module, name, table, dg, shapes)
         else:
@@ -705,7 +778,9 @@ def _convert(tp_group, dg, names, order, shapes):
     producers = sorted(b.producers, key=lambda n: order.get(n, len(order)))
     group_name = producers[0] if producers else names.get(root, "?")
     units, unit_cell = _constraints(b)
-    members = tuple(sorted(_dedupe(b.members), key=lambda m: (order.get(m.name, len(order)), m.kind)))
+    members = tuple(
+        sorted(_dedupe(b.members), key=lambda m: (order.get(m.name, len(order)), m.kind))
+    )
     group = ChannelGroup(
         name=group_name,
         channels=b.channels,
@@ -718,8 +793,10 @@ def _convert(tp_group, dg, names, order, shapes):
         ops=tuple(dict.fromkeys(b.ops)),
     )
     if not b.reasons and group.step >= group.channels:
-        b.refuse(f"its layers allow no smaller width ({group.channels} channels in steps of "
-                 f"{group.step})")
+        b.refuse(
+            f"its layers allow no smaller width ({group.channels} channels in steps of "
+            f"{group.step})"
+        )
     return group, _summary(b.reasons)
 
 
@@ -763,8 +840,10 @@ def _dedupe(members: list[Member]) -> list[Member]:
 def _add_leaf(b: _Builder, optype, module, name: str, table: torch.Tensor, out_fn: bool) -> None:
     if optype == OPTYPE.DEPTHWISE_CONV:
         if module.in_channels != module.out_channels:
-            b.refuse(f"{name} is a grouped convolution with {module.in_channels} inputs and "
-                     f"{module.out_channels} outputs that Torch-Pruning takes for a depthwise one")
+            b.refuse(
+                f"{name} is a grouped convolution with {module.in_channels} inputs and "
+                f"{module.out_channels} outputs that Torch-Pruning takes for a depthwise one"
+            )
             return
         b.members += [Member(name, table, "out"), Member(name, table, "in")]
         b.producers.append(name)
@@ -846,15 +925,21 @@ def _constraints(b: _Builder) -> tuple[torch.Tensor | None, torch.Tensor | None]
     # cells: the common refinement of every block partition
     if b.cell_keys:
         cell_of: dict[tuple, int] = {}
-        cell = torch.tensor([cell_of.setdefault(tuple(int(k[0][ch]) for k in b.cell_keys),
-                                                len(cell_of)) for ch in range(c)])
+        cell = torch.tensor(
+            [
+                cell_of.setdefault(tuple(int(k[0][ch]) for k in b.cell_keys), len(cell_of))
+                for ch in range(c)
+            ]
+        )
         sizes = torch.bincount(cell)
         if len(set(sizes.tolist())) != 1:
             b.refuse("its grouped layers and GroupNorms split the channels into unequal blocks")
             return None, None
         for key, blocks in b.cell_keys:  # every block holds the same number of cells
-            per_block = [len({int(cell[ch]) for ch in range(c) if int(key[ch]) == blk})
-                         for blk in range(blocks)]
+            per_block = [
+                len({int(cell[ch]) for ch in range(c) if int(key[ch]) == blk})
+                for blk in range(blocks)
+            ]
             if len(set(per_block)) != 1:
                 b.refuse("its grouped layers and GroupNorms split the channels inconsistently")
                 return None, None

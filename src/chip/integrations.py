@@ -44,10 +44,13 @@ class CHIPImportance(tp.importance.Importance):
     def __init__(self, scores, model: nn.Module | None = None):
         groups = getattr(scores, "groups", scores)
         if not isinstance(groups, Mapping) or not groups:
-            raise ChipError("CHIPImportance needs chip.ChannelScores or a non-empty "
-                            "{group name: scores} mapping")
-        self.scores = {name: torch.as_tensor(v).detach().to(torch.float64).cpu()
-                       for name, v in groups.items()}
+            raise ChipError(
+                "CHIPImportance needs chip.ChannelScores or a non-empty "
+                "{group name: scores} mapping"
+            )
+        self.scores = {
+            name: torch.as_tensor(v).detach().to(torch.float64).cpu() for name, v in groups.items()
+        }
         self._names = {m: n for n, m in model.named_modules()} if model is not None else None
 
     def _module_names(self, group) -> Mapping[nn.Module, str]:
@@ -64,7 +67,9 @@ class CHIPImportance(tp.importance.Importance):
         out_layers = []
         for item in group:
             module = item.dep.target.module
-            if not isinstance(module, nn.Module) or not dg.is_out_channel_pruning_fn(item.dep.handler):
+            if not isinstance(module, nn.Module) or not dg.is_out_channel_pruning_fn(
+                item.dep.handler
+            ):
                 continue
             name = names.get(module)
             out_layers.append(name)
@@ -83,14 +88,18 @@ class CHIPImportance(tp.importance.Importance):
         vec = self.scores[name]
         chip_idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
         if chip_idxs.numel() and int(chip_idxs.max()) >= vec.numel():
-            raise ChipError(f"scores of group {name!r} have {vec.numel()} channels but the model "
-                            f"has more; expected scores of the same unpruned model")
+            raise ChipError(
+                f"scores of group {name!r} have {vec.numel()} channels but the model "
+                f"has more; expected scores of the same unpruned model"
+            )
         by_root = dict(zip((int(r) for r in item.root_idxs), vec[chip_idxs].tolist()))
         root_order = [int(r) for r in group[0].root_idxs]
         missing = [r for r in root_order if r not in by_root]
         if missing:
-            raise ChipError(f"chip group {name!r} does not cover Torch-Pruning root channels "
-                            f"{missing[:4]}; expected one coupled channel set")
+            raise ChipError(
+                f"chip group {name!r} does not cover Torch-Pruning root channels "
+                f"{missing[:4]}; expected one coupled channel set"
+            )
         device = _device_of(group[0].dep.target.module)
         return torch.tensor([by_root[r] for r in root_order], dtype=torch.float32, device=device)
 

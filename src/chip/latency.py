@@ -20,21 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from chip.counting import _check_input_size, _model_device_dtype, eval_mode, on_device
+from chip.counting import check_input_size, on_device
 from chip.errors import ChipError
+from chip.utils import AMP_DTYPES, device_dtype, eval_mode
 
 __all__ = ["LatencyResult", "measure_latency"]
 
 _SEED = 0
 
-# accepted spellings of ``amp`` -> autocast dtype (True: the device's usual half type)
-_AMP_DTYPES = {
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 _AMP_DEFAULT = {"cuda": torch.float16, "cpu": torch.bfloat16}
 
 
@@ -73,15 +66,17 @@ def _amp_dtype(amp, device: torch.device) -> torch.dtype | None:
         return None
     if amp is True:
         if device.type not in _AMP_DEFAULT:
-            raise ChipError(f"amp=True has no default dtype on {device.type}; pass 'fp16' or 'bf16'")
+            raise ChipError(
+                f"amp=True has no default dtype on {device.type}; pass 'fp16' or 'bf16'"
+            )
         return _AMP_DEFAULT[device.type]
-    if isinstance(amp, torch.dtype) and amp in _AMP_DTYPES.values():
+    if isinstance(amp, torch.dtype) and amp in AMP_DTYPES.values():
         return amp
-    if isinstance(amp, str) and amp.lower() in _AMP_DTYPES:
-        return _AMP_DTYPES[amp.lower()]
+    if isinstance(amp, str) and amp in AMP_DTYPES:
+        return AMP_DTYPES[amp]
     raise ChipError(
-        f"bad amp {amp!r}; expected None, True, a dtype float16/bfloat16 or one of "
-        f"{sorted(_AMP_DTYPES)}"
+        f"bad amp {amp!r}; expected None, True, torch.float16/bfloat16 or one of "
+        f"{', '.join(AMP_DTYPES)} (the training modes)"
     )
 
 
@@ -97,8 +92,9 @@ def _check_counts(warmup, repeats, min_time_s) -> None:
         raise ChipError(f"bad min_time_s {min_time_s!r}; expected None or a number >= 0")
 
 
-def _make_input(size: tuple[int, ...], device: torch.device, dtype: torch.dtype,
-                memory_format) -> torch.Tensor:
+def _make_input(
+    size: tuple[int, ...], device: torch.device, dtype: torch.dtype, memory_format
+) -> torch.Tensor:
     """Standard-normal input from a private, fixed-seed generator (global RNG untouched)."""
     gen = torch.Generator().manual_seed(_SEED)
     x = torch.randn(size, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
@@ -149,17 +145,20 @@ def measure_latency(
         amp: None/False (off), True (fp16 on CUDA, bf16 on CPU), or a dtype / ``"fp16"`` / ``"bf16"``
             for ``torch.autocast``.
     """
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     _check_counts(warmup, repeats, min_time_s)
     if channels_last and len(size) != 4:
         raise ChipError(f"channels_last needs a 4-D input_size (N, C, H, W), got {size}")
     memory_format = torch.channels_last if channels_last else None
     work = on_device(model, device, memory_format)
-    dev, dtype = _model_device_dtype(work)
+    dev, dtype = device_dtype(work)
     amp_dtype = _amp_dtype(amp, dev)
     x = _make_input(size, dev, dtype, memory_format)
-    autocast = (torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(dev.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
+    )
     timer = _TIMERS.get(dev.type, _cpu_timer)
 
     def run():

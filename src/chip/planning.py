@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,8 @@ import torch.nn as nn
 from .counting import CONVENTION, WidthCounter
 from .errors import ChipError, ChipWarning
 from .groups import ChannelGroup, GroupGraph, find_groups
-from .utils import atomic_write
+from .targets import describe, parse_sparsity, parse_target
+from .utils import atomic_write, example_input
 
 __all__ = [
     "GroupPlan",
@@ -53,40 +53,6 @@ __all__ = [
 ]
 
 # -- sparsity strings ---------------------------------------------------------------------------
-
-_TERM = re.compile(r"\s*\[\s*(?P<rate>[^\]]*?)\s*\]\s*(?:\*\s*(?P<count>[^+\s]*)\s*)?")
-_RATE = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-_PLUS = re.compile(r"(?<![eE])\+")  # term separator; not the sign of an exponent (1e+0)
-_MAX_RATES = 10_000  # far above any architecture; stops '[0.1]*99999999999' from allocating
-_FORM = "expected terms like [0.4] or [0.4]*27 joined by '+', rates in [0, 1)"
-
-
-def parse_sparsity(text: str) -> list[float]:
-    """Parse ``term ('+' term)*`` (term = ``[rate]`` or ``[rate]*count``) into a list of rates."""
-    if not isinstance(text, str) or not text.strip():
-        raise ChipError(f"empty sparsity string; {_FORM}")
-    rates: list[float] = []
-    for i, part in enumerate(_PLUS.split(text)):
-        m = _TERM.fullmatch(part)
-        if m is None:
-            raise ChipError(f"cannot parse sparsity term {i + 1} {part.strip()!r}; {_FORM}")
-        raw_rate, raw_count = m.group("rate"), m.group("count")
-        if not _RATE.fullmatch(raw_rate):
-            raise ChipError(f"bad rate {raw_rate!r} in sparsity term {i + 1}; {_FORM}")
-        rate = float(raw_rate)
-        if not 0.0 <= rate < 1.0:
-            raise ChipError(f"rate {rate} in sparsity term {i + 1} is outside [0, 1); {_FORM}")
-        count = 1
-        if raw_count is not None:
-            if not raw_count.isdigit() or int(raw_count) < 1:
-                raise ChipError(f"bad repeat count {raw_count!r} in sparsity term {i + 1}; "
-                                "expected a positive integer after '*'")
-            count = int(raw_count)
-        if len(rates) + count > _MAX_RATES:
-            raise ChipError(f"sparsity string is longer than {_MAX_RATES} rates (term {i + 1}); "
-                            "expected one rate per prunable position of the architecture")
-        rates.extend([rate] * count)
-    return rates
 
 
 class _SparsityLayouts(Mapping[str, Callable[[], list[list[str]]]]):
@@ -149,8 +115,10 @@ def _sparsity_rates(arch: str | None, text: str, graph: GroupGraph) -> dict[str,
     for position, (rate, groups) in enumerate(zip(rates, layout.positions)):
         for name in groups:
             if name not in graph.by_name:
-                raise ChipError(f"group {name!r} (sparsity position {position}) not found in the model; "
-                                f"is it really a {arch}?")
+                raise ChipError(
+                    f"group {name!r} (sparsity position {position}) not found in the model; "
+                    f"is it really a {arch}?"
+                )
             out[name] = rate
     for note in layout.ignored:  # e.g. the CIFAR ResNets' stem rate (it follows the stage-1 stream)
         message = note.message(rates)
@@ -210,33 +178,59 @@ class PruningPlan:
     @classmethod
     def from_dict(cls, d: Mapping) -> PruningPlan:
         if not isinstance(d, Mapping) or d.get("format") != "chip.PruningPlan/1":
-            raise ChipError("not a chip pruning plan (expected JSON with format 'chip.PruningPlan/1')")
+            raise ChipError(
+                "not a chip pruning plan (expected JSON with format 'chip.PruningPlan/1')"
+            )
         try:
-            groups = {k: GroupPlan(int(v["channels"]), [int(i) for i in v["keep"]])
-                      for k, v in d["groups"].items()}
+            groups = {
+                k: GroupPlan(int(v["channels"]), [int(i) for i in v["keep"]])
+                for k, v in d["groups"].items()
+            }
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise ChipError(f"malformed plan groups ({exc}); expected {{name: {{channels, keep}}}}") from None
+            raise ChipError(
+                f"malformed plan groups ({exc}); expected {{name: {{channels, keep}}}}"
+            ) from None
         input_size, stats = d.get("input_size", (1, 3, 32, 32)), d.get("stats", {})
-        if not isinstance(input_size, (list, tuple)) or not input_size \
-                or not all(isinstance(n, int) and n > 0 for n in input_size):
-            raise ChipError(f"malformed plan input_size {input_size!r}; expected a list like [1, 3, 32, 32]")
+        if (
+            not isinstance(input_size, (list, tuple))
+            or not input_size
+            or not all(isinstance(n, int) and n > 0 for n in input_size)
+        ):
+            raise ChipError(
+                f"malformed plan input_size {input_size!r}; expected a list like [1, 3, 32, 32]"
+            )
         if not isinstance(stats, Mapping):
             raise ChipError(f"malformed plan stats {stats!r}; expected a mapping")
         skipped = d.get("skipped", {})
-        if not isinstance(skipped, Mapping) or not all(isinstance(v, str) for v in skipped.values()):
+        if not isinstance(skipped, Mapping) or not all(
+            isinstance(v, str) for v in skipped.values()
+        ):
             raise ChipError(f"malformed plan skipped {skipped!r}; expected {{group: reason}}")
-        plan_ = cls(groups=groups, arch=d.get("arch"), input_size=tuple(input_size),
-                    target=d.get("target", ""), scores_used=bool(d.get("scores_used", True)),
-                    stats=dict(stats), skipped=dict(skipped))
+        plan_ = cls(
+            groups=groups,
+            arch=d.get("arch"),
+            input_size=tuple(input_size),
+            target=d.get("target", ""),
+            scores_used=bool(d.get("scores_used", True)),
+            stats=dict(stats),
+            skipped=dict(skipped),
+        )
         plan_.validate()
         return plan_
 
     def validate(self) -> None:
         for name, g in self.groups.items():
-            if not g.keep or len(set(g.keep)) != len(g.keep) or g.keep != sorted(g.keep) \
-                    or g.keep[0] < 0 or g.keep[-1] >= g.channels:
-                raise ChipError(f"group {name!r}: keep must be ascending unique indices in [0, "
-                                f"{g.channels}) with at least one channel")
+            if (
+                not g.keep
+                or len(set(g.keep)) != len(g.keep)
+                or g.keep != sorted(g.keep)
+                or g.keep[0] < 0
+                or g.keep[-1] >= g.channels
+            ):
+                raise ChipError(
+                    f"group {name!r}: keep must be ascending unique indices in [0, "
+                    f"{g.channels}) with at least one channel"
+                )
 
     def save(self, path) -> None:
         with atomic_write(path, "w") as f:
@@ -250,11 +244,13 @@ class PruningPlan:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ChipError(f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise ChipError(
+                f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})"
+            ) from None
         return cls.from_dict(data)
 
 
-def _kept(group: ChannelGroup, rate: float, round_to: int) -> int:
+def kept_width(group: ChannelGroup, rate: float, round_to: int) -> int:
     """Kept width of ``group`` at ``rate``: ``int(C * (1 - rate))``, at least 1, then
     :meth:`ChannelGroup.width` (its step, ``round_to``)."""
     return group.width(max(1, int(group.channels * (1.0 - rate))), round_to)
@@ -265,60 +261,21 @@ def _choose(scores: torch.Tensor | None, k: int, channels: int) -> list[int]:
     return ChannelGroup("", channels, (), (), ()).choose(scores, k)
 
 
-_BUDGET = re.compile(r"\s*(flops|macs|params)\s*=\s*(\S+)\s*")
-
-
-def parse_target(target) -> tuple[str, Any]:
-    """Classify a target: ("sparsity", str) | ("uniform", rate) | ("layers", dict) |
-    ("budget", (kind, fraction))."""
-    if isinstance(target, (int, float)) and not isinstance(target, bool):
-        rate = float(target)
-        if not 0.0 <= rate < 1.0:
-            raise ChipError(f"uniform rate {rate} is outside [0, 1); expected the fraction of channels to remove")
-        return "uniform", rate
-    if isinstance(target, Mapping):
-        keys = set(target)
-        if keys and keys <= {"flops", "macs", "params"}:
-            if len(keys) != 1:
-                raise ChipError("give one budget (flops=, macs= or params=), not several")
-            (kind, frac), = target.items()
-            return parse_target(f"{kind}={frac}")
-        return "layers", dict(target)
-    if isinstance(target, str):
-        text = target.strip()
-        if text.startswith("["):
-            return "sparsity", text
-        m = _BUDGET.fullmatch(text)
-        if m:
-            kind = "macs" if m.group(1) in ("flops", "macs") else "params"
-            try:
-                frac = float(m.group(2))
-            except ValueError:
-                frac = -1.0
-            if not 0.0 < frac <= 1.0:
-                raise ChipError(f"budget {text!r}: expected a fraction of the baseline to keep in (0, 1]")
-            return "budget", (kind, frac)
-        try:
-            return parse_target(float(text))
-        except ValueError:
-            pass
-    raise ChipError(
-        f"cannot understand target {target!r}; expected a sparsity string '[0.]+[0.4]*27', a rate like 0.3, "
-        "a {layer: rate} mapping or a budget 'flops=0.5' / 'params=0.6'"
-    )
-
-
 def _layer_rates(mapping: Mapping[str, float], graph: GroupGraph) -> dict[str, float]:
     out = {}
     for key, rate in mapping.items():
         name = key if key in graph.by_name or key in graph.skipped else graph.group_of(key, "out")
         kind, value = parse_target(rate)
         if name in graph.skipped and kind == "uniform" and value > 0:
-            raise ChipError(f"layer {key!r} cannot be pruned: {graph.skipped[name]}; expected rate 0 "
-                            "or no entry for it")
+            raise ChipError(
+                f"layer {key!r} cannot be pruned: {graph.skipped[name]}; expected rate 0 "
+                "or no entry for it"
+            )
         if name is None:
-            raise ChipError(f"layer {key!r} is not a prunable layer; expected a group or producer name "
-                            f"such as {list(graph.by_name)[:4]}")
+            raise ChipError(
+                f"layer {key!r} is not a prunable layer; expected a group or producer name "
+                f"such as {list(graph.by_name)[:4]}"
+            )
         kind, value = parse_target(rate)
         if kind != "uniform":
             raise ChipError(f"rate for {key!r} must be a number in [0, 1), got {rate!r}")
@@ -326,15 +283,16 @@ def _layer_rates(mapping: Mapping[str, float], graph: GroupGraph) -> dict[str, f
     return out
 
 
-def _solve_budget(kind: str, fraction: float, graph: GroupGraph, counter: WidthCounter,
-                  round_to: int) -> tuple[float, dict[str, int]]:
+def _solve_budget(
+    kind: str, fraction: float, graph: GroupGraph, counter: WidthCounter, round_to: int
+) -> tuple[float, dict[str, int]]:
     """Largest kept fraction <= budget with one uniform rate for every group (bisection), then
     one width step given back per group, round-robin in graph order, while the budget holds."""
     base = counter.base_params if kind == "params" else counter.base_macs
     index = 0 if kind == "params" else 1
 
     def achieved(rate: float) -> tuple[float, dict[str, int]]:
-        widths = {g.name: _kept(g, rate, round_to) for g in graph}
+        widths = {g.name: kept_width(g, rate, round_to) for g in graph}
         return counter(widths)[index] / base, widths
 
     lo, hi = 0.0, 1.0 - 1e-9
@@ -343,11 +301,16 @@ def _solve_budget(kind: str, fraction: float, graph: GroupGraph, counter: WidthC
         return 0.0, full_widths
     smallest = achieved(hi)[0]
     if smallest > fraction:
-        kept_whole = f" ({len(graph.skipped)} groups chip cannot prune are kept whole)" \
-            if graph.skipped else ""
-        raise ChipError(f"{kind} budget {fraction} cannot be met: keeping the fewest channels chip "
-                        f"allows in every group still leaves {smallest:.3f} of the baseline"
-                        f"{kept_whole}; expected a budget of at least {smallest:.3f}")
+        kept_whole = (
+            f" ({len(graph.skipped)} groups chip cannot prune are kept whole)"
+            if graph.skipped
+            else ""
+        )
+        raise ChipError(
+            f"{kind} budget {fraction} cannot be met: keeping the fewest channels chip "
+            f"allows in every group still leaves {smallest:.3f} of the baseline"
+            f"{kept_whole}; expected a budget of at least {smallest:.3f}"
+        )
     for _ in range(60):
         mid = (lo + hi) / 2
         if achieved(mid)[0] <= fraction:
@@ -367,8 +330,15 @@ def _solve_budget(kind: str, fraction: float, graph: GroupGraph, counter: WidthC
     return hi, widths
 
 
-def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_size=None,
-         graph: GroupGraph | None = None) -> PruningPlan:
+def plan(
+    model: nn.Module,
+    scores=None,
+    target=0.5,
+    *,
+    round_to: int = 1,
+    input_size=None,
+    graph: GroupGraph | None = None,
+) -> PruningPlan:
     """Turn channel scores and a target into a :class:`PruningPlan` (see the module docstring).
 
     Args:
@@ -379,11 +349,11 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
         input_size: example input (N, C, H, W) for tracing and counting; zoo models know theirs.
     """
     arch = getattr(model, "chip_arch", None)
-    input_size = tuple(input_size) if input_size is not None else _default_input_size(model, arch)
+    input_size = tuple(input_size) if input_size is not None else default_input_size(model, arch)
     if round_to < 1:
         raise ChipError(f"round_to must be a positive integer, got {round_to}")
     if graph is None:
-        graph = find_groups(model, _zeros(model, input_size))
+        graph = find_groups(model, example_input(model, input_size, zeros=True))
     _warn_skipped(graph)
     counter = graph.counter
     if counter is None or counter.input_size != tuple(input_size)[1:]:
@@ -392,12 +362,12 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
     solved_rate = None
     if kind == "sparsity":
         rates = _sparsity_rates(arch, value, graph)
-        widths = {g.name: _kept(g, rates.get(g.name, 0.0), round_to) for g in graph}
+        widths = {g.name: kept_width(g, rates.get(g.name, 0.0), round_to) for g in graph}
     elif kind == "uniform":
-        widths = {g.name: _kept(g, value, round_to) for g in graph}
+        widths = {g.name: kept_width(g, value, round_to) for g in graph}
     elif kind == "layers":
         rates = _layer_rates(value, graph)
-        widths = {g.name: _kept(g, rates.get(g.name, 0.0), round_to) for g in graph}
+        widths = {g.name: kept_width(g, rates.get(g.name, 0.0), round_to) for g in graph}
     else:
         solved_rate, widths = _solve_budget(*value, graph, counter, round_to)
 
@@ -408,41 +378,47 @@ def plan(model: nn.Module, scores=None, target=0.5, *, round_to: int = 1, input_
         if group_scores is not None:
             s = group_scores.get(g.name)
             if s is None and widths[g.name] < g.channels:
-                raise ChipError(f"no scores for group {g.name!r}, which the target prunes; "
-                                "score the model again (chip score) or keep that group whole")
+                raise ChipError(
+                    f"no scores for group {g.name!r}, which the target prunes; "
+                    "score the model again (chip score) or keep that group whole"
+                )
         groups[g.name] = GroupPlan(g.channels, g.choose(s, widths[g.name]))
 
     params, macs = counter(widths)
     stats = {
-        "base_params": counter.base_params, "base_macs": counter.base_macs,
-        "params": params, "macs": macs,
-        "params_kept": params / counter.base_params, "macs_kept": macs / counter.base_macs,
+        "base_params": counter.base_params,
+        "base_macs": counter.base_macs,
+        "params": params,
+        "macs": macs,
+        "params_kept": params / counter.base_params,
+        "macs_kept": macs / counter.base_macs,
         "macs_convention": CONVENTION,
     }
     if kind == "budget":
         stats.update(budget_kind=value[0], budget=value[1], uniform_rate=solved_rate)
-    return PruningPlan(groups=groups, arch=arch, input_size=input_size, target=str(target),
-                       scores_used=group_scores is not None, stats=stats,
-                       skipped=dict(graph.skipped))
-
-
-def _zeros(model: nn.Module, input_size) -> torch.Tensor:
-    """A zero input of ``input_size`` in the model's device and floating dtype (for tracing)."""
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if first is None:
-        return torch.zeros(tuple(input_size))
-    return torch.zeros(tuple(input_size), device=first.device, dtype=first.dtype)
+    return PruningPlan(
+        groups=groups,
+        arch=arch,
+        input_size=input_size,
+        target=describe(target),
+        scores_used=group_scores is not None,
+        stats=stats,
+        skipped=dict(graph.skipped),
+    )
 
 
 def _warn_skipped(graph: GroupGraph) -> None:
     if graph.skipped:
         listed = "; ".join(f"{name}: {why}" for name, why in list(graph.skipped.items())[:5])
         more = f" (and {len(graph.skipped) - 5} more)" if len(graph.skipped) > 5 else ""
-        warnings.warn(f"chip keeps {len(graph.skipped)} channel groups whole: {listed}{more}",
-                      ChipWarning, stacklevel=3)
+        warnings.warn(
+            f"chip keeps {len(graph.skipped)} channel groups whole: {listed}{more}",
+            ChipWarning,
+            stacklevel=3,
+        )
 
 
-def _default_input_size(model: nn.Module, arch: str | None) -> tuple[int, ...]:
+def default_input_size(model: nn.Module, arch: str | None) -> tuple[int, ...]:
     """(1, C, H, W): the registered input size of a zoo ``arch`` with the model's own
     ``in_channels``; (1, 3, 224, 224) for other models."""
     if arch is not None:

@@ -23,17 +23,23 @@ import torch
 import torch.nn as nn
 
 from .errors import ChipError
-from .groups import ChannelGroup, GroupGraph, _first_line, find_groups, retrace
+from .groups import ChannelGroup, GroupGraph, find_groups, retrace
 from .planning import PruningPlan, WidthCounter
-from .utils import eval_mode, flat_outputs
+from .utils import eval_mode, example_input, first_line, flat_outputs
 
 __all__ = ["apply", "check_groups", "masked_forward_hooks", "probe_copy"]
 
 VERIFY_RTOL = 1e-6  # float64 comparisons: exact surgery agrees to ~1e-14, a wrong one to ~1e-2
 
 
-def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
-          graph: GroupGraph | None = None, verify: bool = True) -> nn.Module:
+def apply(
+    model: nn.Module,
+    plan: PruningPlan,
+    *,
+    inplace: bool = False,
+    graph: GroupGraph | None = None,
+    verify: bool = True,
+) -> nn.Module:
     """Return ``model`` with the channels ``plan`` removes physically gone.
 
     Args:
@@ -65,14 +71,14 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
     elif verify:
         pristine = copy.deepcopy(model)
     if graph is None or graph.dg is None or graph.model is not model:
-        graph = find_groups(model, _example(model, plan.input_size, zeros=True), check=False)
+        graph = find_groups(model, example_input(model, plan.input_size, zeros=True), check=False)
     _check_plan(model, plan, graph)
     removed = {name: plan.removed(name) for name in plan.groups if plan.removed(name)}
     failure = None
     try:
         graph.prune(removed)
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's errors become one line
-        failure = f"Torch-Pruning cannot prune it ({_first_line(exc)})"
+        failure = f"Torch-Pruning cannot prune it ({first_line(exc, with_type=True)})"
     if failure is not None and not verify:
         raise ChipError(f"pruning failed: {failure}")
     try:
@@ -88,23 +94,32 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False,
 def _check_plan(model: nn.Module, plan: PruningPlan, graph: GroupGraph) -> None:
     arch = getattr(model, "chip_arch", None)
     if plan.arch is not None and arch is not None and plan.arch != arch:
-        raise ChipError(f"the plan is for {plan.arch!r} but the model is {arch!r}; "
-                        "was the plan made for another architecture?")
+        raise ChipError(
+            f"the plan is for {plan.arch!r} but the model is {arch!r}; "
+            "was the plan made for another architecture?"
+        )
     known = {g.name for g in graph.all_groups}
     unknown = [name for name in plan.groups if name not in known]
-    missing = [name for name in graph.by_name if name not in plan.groups and name not in plan.skipped]
+    missing = [
+        name for name in graph.by_name if name not in plan.groups and name not in plan.skipped
+    ]
     if unknown or missing:  # a plan covers every group of the model it was made for
-        raise ChipError(f"plan and model groups differ (only in the plan: {unknown[:4]}, only in "
-                        f"the model: {missing[:4]}); was the plan made for another architecture?")
+        raise ChipError(
+            f"plan and model groups differ (only in the plan: {unknown[:4]}, only in "
+            f"the model: {missing[:4]}); was the plan made for another architecture?"
+        )
     for name, gplan in plan.groups.items():
         group = graph[name]
         if group.channels != gplan.channels:
-            raise ChipError(f"group {name!r} has {group.channels} channels but the plan expects "
-                            f"{gplan.channels}; is the model already pruned?")
+            raise ChipError(
+                f"group {name!r} has {group.channels} channels but the plan expects "
+                f"{gplan.channels}; is the model already pruned?"
+            )
         if gplan.kept < gplan.channels:
             if name in graph.skipped:
-                raise ChipError(f"group {name!r} cannot be pruned: {graph.skipped[name]}; keep it "
-                                "whole")
+                raise ChipError(
+                    f"group {name!r} cannot be pruned: {graph.skipped[name]}; keep it whole"
+                )
             group.check_keep(gplan.keep)
 
 
@@ -137,11 +152,15 @@ def masked_forward_hooks(model: nn.Module, removed, graph: GroupGraph) -> list:
                 norms.setdefault((m.name, m.axis), []).append(positions)
     handles = []
     for (name, axis), parts in zero.items():
-        handles.append(modules[name].register_forward_pre_hook(
-            _zero_input_hook(axis, torch.cat(parts).unique())))
+        handles.append(
+            modules[name].register_forward_pre_hook(
+                _zero_input_hook(axis, torch.cat(parts).unique())
+            )
+        )
     for (name, axis), parts in norms.items():
-        handles.append(modules[name].register_forward_hook(
-            _masked_norm_hook(axis, torch.cat(parts).unique())))
+        handles.append(
+            modules[name].register_forward_hook(_masked_norm_hook(axis, torch.cat(parts).unique()))
+        )
     return handles
 
 
@@ -215,8 +234,9 @@ def probe_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     return work
 
 
-def check_groups(model: nn.Module, graph: GroupGraph, example_inputs: torch.Tensor, *,
-                 seed: int = 0) -> dict[str, str]:
+def check_groups(
+    model: nn.Module, graph: GroupGraph, example_inputs: torch.Tensor, *, seed: int = 0
+) -> dict[str, str]:
     """Groups of ``graph`` chip cannot prune correctly, with the reason (``{}`` if none).
 
     ``graph`` is the unchecked graph of ``graph.model``, a :func:`probe_copy` of ``model`` with
@@ -271,7 +291,7 @@ def _bisect(names: list[str], reason: str, trial: Callable, graph: GroupGraph) -
         if len(subset) == 1:
             bad[subset[0]] = _explain(graph[subset[0]], why)
             return
-        first, second = subset[: len(subset) // 2], subset[len(subset) // 2:]
+        first, second = subset[: len(subset) // 2], subset[len(subset) // 2 :]
         first_why = trial(first)
         if first_why is not None:
             search(first, first_why)
@@ -308,8 +328,13 @@ def _is_plain_op(op: str) -> bool:
     return any(low.startswith(p) for p in _PLAIN_OPS)
 
 
-def _trial(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[int]], x: torch.Tensor,
-           counter: WidthCounter | None) -> str | None:
+def _trial(
+    work: nn.Module,
+    graph: GroupGraph,
+    removed: Mapping[str, list[int]],
+    x: torch.Tensor,
+    counter: WidthCounter | None,
+) -> str | None:
     """Prune ``work`` (a float64 copy) by ``removed``; None if it matches the masked original.
     ``graph`` (the graph of ``work``) is released afterwards."""
     try:
@@ -318,14 +343,19 @@ def _trial(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[int]],
         graph.release()
 
 
-def _try_pruning(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[int]],
-                 x: torch.Tensor, counter: WidthCounter | None) -> str | None:
+def _try_pruning(
+    work: nn.Module,
+    graph: GroupGraph,
+    removed: Mapping[str, list[int]],
+    x: torch.Tensor,
+    counter: WidthCounter | None,
+) -> str | None:
     with eval_mode(work), torch.no_grad():
         handles = masked_forward_hooks(work, removed, graph)
         try:
             reference = flat_outputs(work(x))
         except Exception as exc:  # noqa: BLE001
-            return f"chip cannot mask its channels ({_first_line(exc)})"
+            return f"chip cannot mask its channels ({first_line(exc, with_type=True)})"
         finally:
             for h in handles:
                 h.remove()
@@ -334,7 +364,7 @@ def _try_pruning(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[
         try:
             graph.prune(removed)
         except Exception as exc:  # noqa: BLE001 - any failure is a reason to refuse the group
-            return f"Torch-Pruning cannot prune it ({_first_line(exc)})"
+            return f"Torch-Pruning cannot prune it ({first_line(exc, with_type=True)})"
     why = _mismatch(reference, work, x)
     if why is not None:
         return why
@@ -345,8 +375,10 @@ def _try_pruning(work: nn.Module, graph: GroupGraph, removed: Mapping[str, list[
         predicted = counter(widths)
         measured = count(work, tuple(x.shape))
         if predicted != (measured.params, measured.macs):
-            return (f"chip cannot count its params/MACs exactly (predicted {predicted}, measured "
-                    f"{(measured.params, measured.macs)})")
+            return (
+                f"chip cannot count its params/MACs exactly (predicted {predicted}, measured "
+                f"{(measured.params, measured.macs)})"
+            )
     return None
 
 
@@ -361,19 +393,14 @@ def _relative_error(reference: list[torch.Tensor], output: list[torch.Tensor]) -
     return worst
 
 
-def _example(model: nn.Module, input_size, zeros: bool = False, seed: int = 0) -> torch.Tensor:
-    """An input of ``input_size`` in the model's device and floating dtype."""
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None else torch.float32
-    if zeros:
-        return torch.zeros(tuple(input_size), device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(input_size), generator=gen, dtype=torch.float64).to(device, dtype)
-
-
-def _verify(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
-            removed: Mapping[str, list[int]], graph: GroupGraph, failure: str | None) -> None:
+def _verify(
+    pristine: nn.Module,
+    pruned: nn.Module,
+    plan: PruningPlan,
+    removed: Mapping[str, list[int]],
+    graph: GroupGraph,
+    failure: str | None,
+) -> None:
     """The pruned model against the masked original, in float64; ChipError naming the group.
 
     Models already in float64 are compared as they are, others through float64 copies. When the
@@ -382,7 +409,7 @@ def _verify(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
     ``graph`` names the groups (a trace of the same architecture); ``failure`` is a pruning error
     already met, which sends the search for the culprit straight to bisection.
     """
-    x = _example(pristine, plan.input_size).double()
+    x = example_input(pristine, plan.input_size).double()
     why = failure
     if why is None:
         reference = _float64(pristine)
@@ -391,8 +418,10 @@ def _verify(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
             try:
                 expected = flat_outputs(reference(x))
             except Exception as exc:  # noqa: BLE001
-                raise ChipError(f"cannot verify the pruned model: the original does not run in "
-                                f"float64 ({_first_line(exc)}); pass verify=False") from None
+                raise ChipError(
+                    f"cannot verify the pruned model: the original does not run in "
+                    f"float64 ({first_line(exc, with_type=True)}); pass verify=False"
+                ) from None
             finally:
                 for h in handles:
                     h.remove()
@@ -415,8 +444,10 @@ def _verify(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
     bad = _bisect(list(removed), why, trial, graph)
     name, reason = next(iter(bad.items()))
     layers = ", ".join(dict.fromkeys(m.name for m in graph[name].members))
-    raise ChipError(f"verification failed for group {name!r} (layers {layers[:200]}): {reason}; "
-                    "keep that group whole (rate 0 in a per-layer target) or report it")
+    raise ChipError(
+        f"verification failed for group {name!r} (layers {layers[:200]}): {reason}; "
+        "keep that group whole (rate 0 in a per-layer target) or report it"
+    )
 
 
 def _float64(model: nn.Module) -> nn.Module:
@@ -429,8 +460,11 @@ def _float64(model: nn.Module) -> nn.Module:
 
 def _informative(outputs: list[torch.Tensor]) -> bool:
     """Outputs that can reveal a wrong model: finite and not all zero."""
-    return bool(outputs) and all(bool(torch.isfinite(t).all()) for t in outputs) \
+    return (
+        bool(outputs)
+        and all(bool(torch.isfinite(t).all()) for t in outputs)
         and any(bool(t.abs().max() > 0) for t in outputs if t.numel())
+    )
 
 
 def _mismatch(expected: list[torch.Tensor], candidate: nn.Module, x: torch.Tensor) -> str | None:
@@ -439,7 +473,7 @@ def _mismatch(expected: list[torch.Tensor], candidate: nn.Module, x: torch.Tenso
         try:
             output = flat_outputs(candidate(x))
         except Exception as exc:  # noqa: BLE001
-            return f"the pruned model does not run ({_first_line(exc)})"
+            return f"the pruned model does not run ({first_line(exc, with_type=True)})"
     error = _relative_error(expected, output)
     if error is None:
         return "pruning it changes the shape of the model's output"
@@ -448,8 +482,9 @@ def _mismatch(expected: list[torch.Tensor], candidate: nn.Module, x: torch.Tenso
     return None
 
 
-def _verify_counts(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
-                   graph: GroupGraph) -> None:
+def _verify_counts(
+    pristine: nn.Module, pruned: nn.Module, plan: PruningPlan, graph: GroupGraph
+) -> None:
     """chip's analytic counts for the plan's widths (what :func:`chip.plan` reports) must equal
     :func:`chip.count` of the pruned model."""
     from .counting import count
@@ -459,6 +494,8 @@ def _verify_counts(pristine: nn.Module, pruned: nn.Module, plan: PruningPlan,
         return  # what chip.plan reported
     predicted = WidthCounter(pristine, graph, plan.input_size)(plan.widths())  # an edited plan?
     if predicted != (measured.params, measured.macs):
-        raise ChipError(f"the pruned model has {measured.params} params and {measured.macs} MACs "
-                        f"but chip predicted {predicted[0]} and {predicted[1]}; this is a chip bug: "
-                        "please report it")
+        raise ChipError(
+            f"the pruned model has {measured.params} params and {measured.macs} MACs "
+            f"but chip predicted {predicted[0]} and {predicted[1]}; this is a chip bug: "
+            "please report it"
+        )

@@ -31,7 +31,17 @@ from typing import Any
 from chip.errors import ChipError
 from chip.utils import atomic_write
 
-__all__ = ["FIGURES", "RunData", "load_run", "measure_latencies", "write_report"]
+__all__ = [
+    "FIGURES",
+    "RunData",
+    "load_run",
+    "measure_latencies",
+    "results_table",
+    "summarize",
+    "summary_markdown",
+    "widths_table",
+    "write_report",
+]
 
 # score criterion -> x-axis label of the score figure
 _SCORE_LABELS = {
@@ -56,8 +66,11 @@ class RunData:
 
     @property
     def criterion(self) -> str:
-        return (self.summary.get("stages", {}).get("score", {}).get("criterion")
-                or self.config.get("calibration", {}).get("criterion") or "chip")
+        return (
+            self.summary.get("stages", {}).get("score", {}).get("criterion")
+            or self.config.get("calibration", {}).get("criterion")
+            or "chip"
+        )
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -85,16 +98,21 @@ def load_run(run_dir) -> RunData:
     try:
         summary = json.loads(summary_path.read_text())
     except FileNotFoundError:
-        raise ChipError(f"{run_dir} has no summary.json (expected a finished `chip run` directory)") from None
+        raise ChipError(
+            f"{run_dir} has no summary.json (expected a finished `chip run` directory)"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise ChipError(f"{summary_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ChipError(
+            f"{summary_path} is not valid JSON ({exc.msg} at line {exc.lineno})"
+        ) from None
     config_path = run_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     plan = PruningPlan.load(run_dir / "plan.json") if (run_dir / "plan.json").is_file() else None
     scores_path = run_dir / "scores.safetensors"
     scores = ChannelScores.load(scores_path) if scores_path.is_file() else None
-    curves = {stage: _read_jsonl(run_dir / stage / "metrics.jsonl")
-              for stage in ("baseline", "finetune")}
+    curves = {
+        stage: _read_jsonl(run_dir / stage / "metrics.jsonl") for stage in ("baseline", "finetune")
+    }
     return RunData(run_dir, summary, config, plan, scores, {k: v for k, v in curves.items() if v})
 
 
@@ -133,8 +151,11 @@ def _group_height(n: int) -> float:
 def _widths(run: RunData) -> tuple[list[str], list[int], list[int]]:
     if run.plan is not None:
         names = list(run.plan.groups)
-        return names, [g.channels for g in run.plan.groups.values()], \
-            [g.kept for g in run.plan.groups.values()]
+        return (
+            names,
+            [g.channels for g in run.plan.groups.values()],
+            [g.kept for g in run.plan.groups.values()],
+        )
     widths, channels = run.summary.get("widths", {}), run.summary.get("channels", {})
     names = [n for n in widths if n in channels]
     return names, [channels[n] for n in names], [widths[n] for n in names]
@@ -189,8 +210,11 @@ def figure_scores(run: RunData, path: Path) -> str | None:
     """Box plot of each group's per-channel scores; kept / pruned channels as dots."""
     if run.scores is None:
         return "no scores.safetensors"
-    names = [n for n in (list(run.plan.groups) if run.plan is not None else run.scores.groups)
-             if n in run.scores.groups]
+    names = [
+        n
+        for n in (list(run.plan.groups) if run.plan is not None else run.scores.groups)
+        if n in run.scores.groups
+    ]
     if not names:
         return "the scores file has no groups of the plan"
     values = [run.scores.groups[n].double().tolist() for n in names]
@@ -199,8 +223,14 @@ def figure_scores(run: RunData, path: Path) -> str | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, _group_height(len(names))))
     y = list(range(1, len(names) + 1))
-    ax.boxplot(shown, positions=y, orientation="horizontal", widths=0.6, showfliers=False,
-               medianprops={"color": "black"})
+    ax.boxplot(
+        shown,
+        positions=y,
+        orientation="horizontal",
+        widths=0.6,
+        showfliers=False,
+        medianprops={"color": "black"},
+    )
     if run.plan is not None:  # every channel as a dot: kept in blue, pruned in red
         dots: dict[bool, tuple[list[float], list[int]]] = {True: ([], []), False: ([], [])}
         for yi, name, vs in zip(y, names, values):
@@ -215,8 +245,10 @@ def figure_scores(run: RunData, path: Path) -> str | None:
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     _set_scale(ax.xaxis, ax.set_xscale, scale)
-    ax.set_xlabel(_SCORE_LABELS.get(run.criterion, f"{run.criterion} score per channel")
-                  + (" (log scale)" if scale == "log" else ""))
+    ax.set_xlabel(
+        _SCORE_LABELS.get(run.criterion, f"{run.criterion} score per channel")
+        + (" (log scale)" if scale == "log" else "")
+    )
     ax.set_ylabel("channel group")
     n = run.scores.num_samples
     ax.set_title(f"{run.criterion} scores per group ({n} calibration samples)")
@@ -240,10 +272,21 @@ def figure_training(run: RunData, path: Path) -> str | None:
             continue
         x = [offset + r["epoch"] + 1 for r in rows]
         for ax, key in ((ax_loss, "loss"), (ax_top1, "top1")):
-            ax.plot(x, [r[f"train_{key}"] for r in rows], "--", color=styles[stage],
-                    label=f"{stage} train")
-            ax.plot(x, [r[f"val_{key}"] for r in rows], "-o", ms=3, color=styles[stage],
-                    label=f"{stage} val")
+            ax.plot(
+                x,
+                [r[f"train_{key}"] for r in rows],
+                "--",
+                color=styles[stage],
+                label=f"{stage} train",
+            )
+            ax.plot(
+                x,
+                [r[f"val_{key}"] for r in rows],
+                "-o",
+                ms=3,
+                color=styles[stage],
+                label=f"{stage} val",
+            )
         if stage == "baseline":
             offset = max(x)
     pruned = run.summary.get("rows", {}).get("pruned", {}).get("top1")
@@ -252,7 +295,9 @@ def figure_training(run: RunData, path: Path) -> str | None:
             ax.axvline(offset + 0.5, color="grey", ls=":", lw=1)
         if pruned is not None:
             ax_top1.plot([offset + 0.5], [pruned], "kx", ms=8, label="right after pruning")
-    losses = [r[k] for rows in run.curves.values() for r in rows for k in ("train_loss", "val_loss")]
+    losses = [
+        r[k] for rows in run.curves.values() for r in rows for k in ("train_loss", "val_loss")
+    ]
     if _score_scale(losses) == "log":  # e.g. a huge first-epoch val loss (BN statistics)
         _set_scale(ax_loss.yaxis, ax_loss.set_yscale, "log")
     for ax, label in ((ax_loss, "cross-entropy loss"), (ax_top1, "top-1 accuracy (%)")):
@@ -299,24 +344,76 @@ def measure_latencies(run: RunData, device=None, repeats: int = 20) -> tuple[dic
     if not size or not final.is_file():
         return {}, "latency omitted: model.chip or the input size is missing"
     shape = (1, *size[1:])
-    out = {"fine-tuned": measure_latency(load(final), shape, device=device, warmup=5,
-                                         repeats=repeats).to_dict()}
+    out = {
+        "fine-tuned": measure_latency(
+            load(final), shape, device=device, warmup=5, repeats=repeats
+        ).to_dict()
+    }
     base = _baseline_path(run)
     info = load_info(final)
     if base is None or info.get("arch") is None:
         return out, "baseline latency omitted: no baseline checkpoint in the run"
-    model = create(info["arch"], **(info.get("kwargs") or {}), checkpoint=base,
-                   unsafe_pickle=bool(run.config.get("unsafe_pickle", False)))
-    out["baseline"] = measure_latency(model, shape, device=device, warmup=5,
-                                      repeats=repeats).to_dict()
+    model = create(
+        info["arch"],
+        **(info.get("kwargs") or {}),
+        checkpoint=base,
+        trust_code=bool(run.config.get("trust_code", False)),
+    )
+    out["baseline"] = measure_latency(
+        model, shape, device=device, warmup=5, repeats=repeats
+    ).to_dict()
     return out, ""
 
 
 # ---------------------------------------------------------------------------------- markdown
 
+_ROWS = (("baseline", "eval_baseline"), ("pruned", "eval_pruned"), ("fine-tuned", "eval_final"))
+
+
+def summarize(cfg: Mapping, results: Mapping[str, dict]) -> dict:
+    """The summary dict: per-row params/MACs/top-1/top-5, widths and stage results."""
+    rows = {}
+    for label, stage in _ROWS:
+        r = results.get(stage, {})
+        rows[label] = {k: r.get(k) for k in ("params", "macs", "top1", "top5", "n")}
+    plan = results.get("plan", {})
+    return {
+        "arch": cfg["arch"],
+        "data": cfg["data"]["name"],
+        "target": plan.get("target"),
+        "macs_convention": results.get("eval_baseline", {}).get("macs_convention"),
+        "input_size": results.get("eval_baseline", {}).get("input_size"),
+        "rows": rows,
+        "best_finetune_top1": results.get("finetune", {}).get("best_top1"),
+        "channels": plan.get("channels", {}),
+        "widths": plan.get("widths", {}),
+        "stages": dict(results),
+    }
+
+
+def summary_markdown(summary: Mapping) -> str:
+    """``summary.md``: the before/after table (:func:`results_table`) and the per-group widths."""
+    shape = "x".join(str(v) for v in (summary.get("input_size") or [])[1:]) or "-"
+    lines = [
+        f"# chip run: {summary['arch']} on {summary['data']}, target {summary['target']}",
+        "",
+        f"MACs: {summary['macs_convention']}, input {shape}. "
+        "Top-1/top-5 in percent on the validation set.",
+        "",
+    ]
+    lines += results_table(summary)
+    lines += [""] + widths_table(
+        list(summary["widths"]),
+        [summary["channels"].get(n, "-") for n in summary["widths"]],
+        list(summary["widths"].values()),
+    )
+    return "\n".join(lines) + "\n"
+
 
 def _m(value) -> str:
-    return "-" if value is None else f"{value / 1e6:.3f}M"
+    from chip.counting import format_count
+
+    return "-" if value is None else format_count(value)
 
 
 def _cut(value, base) -> str:
@@ -327,38 +424,61 @@ def _num(value, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def results_table(summary: Mapping, latency: Mapping[str, dict]) -> list[str]:
-    """Markdown table: params, MACs, batch-1 latency and top-1/top-5 of every row."""
+def results_table(summary: Mapping, latency: Mapping[str, dict] | None = None) -> list[str]:
+    """Markdown table: params, MACs, (batch-1 latency,) top-1/top-5 of every row of a summary.
+    Without ``latency`` the latency columns are left out."""
     rows = summary.get("rows", {})
     base = rows.get("baseline", {})
+    timed = latency is not None
+    latency = latency or {}
     base_ms = latency.get("baseline", {}).get("median_ms")
-    lines = ["| model | params | MACs | params cut | MACs cut | latency b1 (ms) | speed-up "
-             "| top-1 (%) | top-5 (%) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = "| model | params | MACs | params cut | MACs cut |"
+    rule = "|---|---:|---:|---:|---:|"
+    if timed:
+        head, rule = head + " latency b1 (ms) | speed-up |", rule + "---:|---:|"
+    lines = [head + " top-1 (%) | top-5 (%) |", rule + "---:|---:|"]
     for label, row in rows.items():
-        ms = latency.get(label, {}).get("median_ms")
-        speed = f"{base_ms / ms:.2f}x" if ms and base_ms else "-"
-        lines.append(f"| {label} | {_m(row.get('params'))} | {_m(row.get('macs'))} | "
-                     f"{_cut(row.get('params'), base.get('params'))} | "
-                     f"{_cut(row.get('macs'), base.get('macs'))} | {_num(ms, '.3f')} | {speed} | "
-                     f"{_num(row.get('top1'))} | {_num(row.get('top5'))} |")
+        line = (
+            f"| {label} | {_m(row.get('params'))} | {_m(row.get('macs'))} | "
+            f"{_cut(row.get('params'), base.get('params'))} | "
+            f"{_cut(row.get('macs'), base.get('macs'))} |"
+        )
+        if timed:
+            ms = latency.get(label, {}).get("median_ms")
+            speed = f"{base_ms / ms:.2f}x" if ms and base_ms else "-"
+            line += f" {_num(ms, '.3f')} | {speed} |"
+        lines.append(line + f" {_num(row.get('top1'))} | {_num(row.get('top5'))} |")
     return lines
 
 
-def report_markdown(run: RunData, figures: Mapping[str, str | None], latency: Mapping[str, dict],
-                    latency_note: str) -> str:
+def widths_table(names: Sequence[str], channels: Sequence, kept: Sequence) -> list[str]:
+    """Markdown table of kept vs original channels per group."""
+    lines = ["| group | channels | kept |", "|---|---:|---:|"]
+    return lines + [f"| {n} | {c} | {k} |" for n, c, k in zip(names, channels, kept)]
+
+
+def report_markdown(
+    run: RunData, figures: Mapping[str, str | None], latency: Mapping[str, dict], latency_note: str
+) -> str:
     """The text of ``report.md``; ``figures`` maps file name -> None (written) or why not."""
     s = run.summary
     shape = "x".join(str(v) for v in (s.get("input_size") or [])[1:]) or "-"
-    lines = [f"# chip report: {s.get('arch')} on {s.get('data')}, target {s.get('target')}", "",
-             f"Run directory `{run.run_dir}`. Criterion: {run.criterion}. MACs: "
-             f"{s.get('macs_convention')}, input {shape}. Top-1/top-5 on the validation set; "
-             "'fine-tuned' is the best fine-tuning epoch.", ""]
+    lines = [
+        f"# chip report: {s.get('arch')} on {s.get('data')}, target {s.get('target')}",
+        "",
+        f"Run directory `{run.run_dir}`. Criterion: {run.criterion}. MACs: "
+        f"{s.get('macs_convention')}, input {shape}. Top-1/top-5 on the validation set; "
+        "'fine-tuned' is the best fine-tuning epoch.",
+        "",
+    ]
     lines += results_table(s, latency)
     lat = next(iter(latency.values()), None)
     if lat is not None:
-        lines += ["", f"Latency: median of {lat['repeats']} forward passes at batch 1 on "
-                      f"{lat['device']} ({lat['threads']} threads), `chip.measure_latency`."]
+        lines += [
+            "",
+            f"Latency: median of {lat['repeats']} forward passes at batch 1 on "
+            f"{lat['device']} ({lat['threads']} threads), `chip.measure_latency`.",
+        ]
     if latency_note:
         lines += ["", f"Note: {latency_note}."]
     if s.get("best_finetune_top1") is not None:
@@ -374,8 +494,7 @@ def report_markdown(run: RunData, figures: Mapping[str, str | None], latency: Ma
             lines.append(f"Not drawn: {why}.")
     names, channels, kept = _widths(run)
     if names:
-        lines += ["", "## Widths", "", "| group | channels | kept |", "|---|---:|---:|"]
-        lines += [f"| {n} | {c} | {k} |" for n, c, k in zip(names, channels, kept)]
+        lines += ["", "## Widths", ""] + widths_table(names, channels, kept)
     return "\n".join(lines) + "\n"
 
 

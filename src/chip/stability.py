@@ -29,11 +29,11 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .calibration import _split_batch
-from .criteria import CRITERION_NAMES, score
+from .calibration import split_batch
+from .criteria import get_criterion, score
 from .errors import ChipError
 from .groups import find_groups
-from .planning import _kept
+from .planning import kept_width
 from .utils import atomic_write
 
 __all__ = ["GroupStability", "StabilityReport", "average_ranks", "spearman", "stability"]
@@ -55,7 +55,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation (Pearson on average ranks); ``nan`` if either is constant."""
     ra, rb = average_ranks(a), average_ranks(b)
     if ra.numel() != rb.numel():
-        raise ChipError(f"spearman needs vectors of equal length, got {ra.numel()} and {rb.numel()}")
+        raise ChipError(
+            f"spearman needs vectors of equal length, got {ra.numel()} and {rb.numel()}"
+        )
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
     return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
@@ -98,6 +100,7 @@ class StabilityReport:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data (``nan`` becomes ``None``)."""
+
         def clean(v):
             return None if isinstance(v, float) and math.isnan(v) else v
 
@@ -114,18 +117,24 @@ class StabilityReport:
     def table(self) -> str:
         """A plain-text table, one row per group plus a summary row."""
         width = max([len("group")] + [len(g.name) for g in self.groups])
-        head = (f"{'group':<{width}}  channels  kept  spearman(mean/min)  overlap(mean/min)")
-        lines = [f"stability: {self.k} disjoint subsets of {self.batches_per_subset} batches "
-                 f"({self.samples_per_subset} images), criterion {self.criterion}, rate {self.rate}",
-                 head]
+        head = f"{'group':<{width}}  channels  kept  spearman(mean/min)  overlap(mean/min)"
+        lines = [
+            f"stability: {self.k} disjoint subsets of {self.batches_per_subset} batches "
+            f"({self.samples_per_subset} images), criterion {self.criterion}, rate {self.rate}",
+            head,
+        ]
         for g in self.groups:
-            lines.append(f"{g.name:<{width}}  {g.channels:>8}  {g.kept:>4}  "
-                         f"{g.spearman_mean:>8.3f}/{g.spearman_min:<8.3f}  "
-                         f"{g.overlap_mean:>7.3f}/{g.overlap_min:<7.3f}")
+            lines.append(
+                f"{g.name:<{width}}  {g.channels:>8}  {g.kept:>4}  "
+                f"{g.spearman_mean:>8.3f}/{g.spearman_min:<8.3f}  "
+                f"{g.overlap_mean:>7.3f}/{g.overlap_min:<7.3f}"
+            )
         s = self.summary()
-        lines.append(f"{'all groups':<{width}}  {'':>8}  {'':>4}  "
-                     f"{s['spearman_mean']:>8.3f}/{s['spearman_min']:<8.3f}  "
-                     f"{s['overlap_mean']:>7.3f}/{s['overlap_min']:<7.3f}")
+        lines.append(
+            f"{'all groups':<{width}}  {'':>8}  {'':>4}  "
+            f"{s['spearman_mean']:>8.3f}/{s['spearman_min']:<8.3f}  "
+            f"{s['overlap_mean']:>7.3f}/{s['overlap_min']:<7.3f}"
+        )
         return "\n".join(lines)
 
 
@@ -134,7 +143,7 @@ def _collect(loader: Iterable, num_batches: int) -> list[torch.Tensor]:
     for i, batch in enumerate(loader):
         if i >= num_batches:
             break
-        batches.append(_split_batch(batch))
+        batches.append(split_batch(batch))
     return batches
 
 
@@ -164,36 +173,55 @@ def stability(
         raise ChipError(f"stability needs k >= 2 subsets, got {k!r}")
     if not 0.0 <= float(rate) < 1.0:
         raise ChipError(f"stability rate must be in [0, 1), got {rate}")
-    if criterion not in CRITERION_NAMES:
-        raise ChipError(f"unknown criterion {criterion!r}; expected one of {list(CRITERION_NAMES)}")
+    get_criterion(criterion)
     if num_batches < k:
         raise ChipError(f"stability needs at least k={k} batches, got num_batches={num_batches}")
     batches = _collect(loader, num_batches)
     if len(batches) < k:
-        raise ChipError(f"stability needs at least k={k} batches but the loader yielded "
-                        f"{len(batches)}; expected k <= number of calibration batches")
+        raise ChipError(
+            f"stability needs at least k={k} batches but the loader yielded "
+            f"{len(batches)}; expected k <= number of calibration batches"
+        )
     subsets = [batches[j::k] for j in range(k)]
     first = next(iter(model.parameters()))
-    graph = find_groups(model, batches[0][:2].to(device=first.device, dtype=first.dtype),
-                        check=False)
-    scores = [score(model, subset, criterion, num_batches=len(subset), seed=seed + j,
-                    device=device, graph=graph, progress=progress)
-              for j, subset in enumerate(subsets)]
+    graph = find_groups(
+        model, batches[0][:2].to(device=first.device, dtype=first.dtype), check=False
+    )
+    scores = [
+        score(
+            model,
+            subset,
+            criterion,
+            num_batches=len(subset),
+            seed=seed + j,
+            device=device,
+            graph=graph,
+            progress=progress,
+        )
+        for j, subset in enumerate(subsets)
+    ]
     report = StabilityReport(
-        k=k, rate=float(rate), criterion=criterion,
+        k=k,
+        rate=float(rate),
+        criterion=criterion,
         batches_per_subset=[len(s) for s in subsets],
         samples_per_subset=[sum(int(b.shape[0]) for b in s) for s in subsets],
     )
     for g in graph:
         vecs = [s.groups[g.name] for s in scores]
-        kept = _kept(g, float(rate), 1)
+        kept = kept_width(g, float(rate), 1)
         rho = [spearman(a, b) for a, b in itertools.combinations(vecs, 2)]
         over = [_overlap(g, a, b, kept) for a, b in itertools.combinations(vecs, 2)]
         finite = [r for r in rho if not math.isnan(r)]
-        report.groups.append(GroupStability(
-            name=g.name, channels=g.channels, kept=kept,
-            spearman_mean=sum(finite) / len(finite) if finite else float("nan"),
-            spearman_min=min(finite) if finite else float("nan"),
-            overlap_mean=sum(over) / len(over), overlap_min=min(over),
-        ))
+        report.groups.append(
+            GroupStability(
+                name=g.name,
+                channels=g.channels,
+                kept=kept,
+                spearman_mean=sum(finite) / len(finite) if finite else float("nan"),
+                spearman_min=min(finite) if finite else float("nan"),
+                overlap_mean=sum(over) / len(over),
+                overlap_min=min(over),
+            )
+        )
     return report

@@ -26,7 +26,6 @@ are not reseeded between epochs; use ``persistent_workers=False`` when exact rep
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import json
 import logging
 import math
@@ -34,7 +33,6 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -54,7 +52,8 @@ from chip.distributed import (
     shard_loader,
 )
 from chip.errors import ChipError
-from chip.utils import atomic_save, atomic_write, seed_everything
+from chip.recipe import TrainConfig
+from chip.utils import AMP_DTYPES, atomic_save, atomic_write, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -123,84 +122,8 @@ SCHEDULES: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
     "constant": (constant_lr, ()),
 }
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {
-    "none": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-
 
 # -------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class TrainConfig:
-    """Fine-tuning hyper-parameters; defaults are the paper's CIFAR-10 recipe (docs/method.md section 5)."""
-
-    epochs: int = 400
-    batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-3
-    nesterov: bool = False
-    schedule: str = "cosine"
-    warmup_epochs: int = 5
-    milestones: tuple[int, ...] = field(default_factory=tuple)
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    amp: str = "none"
-    channels_last: bool = False
-    seed: int = 0
-    sync_bn: bool = False
-    log_every: int = 10
-    clip_grad: float | None = None
-    tensorboard: bool = False
-
-    def __post_init__(self) -> None:
-        self.milestones = tuple(int(m) for m in self.milestones)
-        if self.schedule not in SCHEDULES:
-            raise ChipError(
-                f"unknown schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}"
-            )
-        if self.amp not in AMP_DTYPES:
-            raise ChipError(f"unknown amp {self.amp!r}: expected one of {', '.join(AMP_DTYPES)}")
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "warmup_epochs": self.warmup_epochs >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "log_every": self.log_every >= 1,
-            "clip_grad": self.clip_grad is None or self.clip_grad > 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-            raise ChipError(
-                f"invalid train config {values}: expected epochs/batch_size/log_every >= 1, "
-                "lr > 0, 0 <= momentum < 1, weight_decay/warmup_epochs >= 0, "
-                "0 <= label_smoothing < 1, clip_grad None or > 0"
-            )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Build from a mapping (e.g. YAML); unknown keys raise :class:`ChipError`."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ChipError(
-                f"unknown train config key(s) {', '.join(unknown)}: valid keys are "
-                f"{', '.join(valid)}"
-            )
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        """Plain-Python dict (milestones as a list), safe for JSON and ``weights_only`` loads."""
-        d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
 
 
 def build_lr_fn(cfg: TrainConfig, iters_per_epoch: int) -> LrFn:
@@ -601,10 +524,6 @@ def load_training_state(
     if restore_rng and ckpt.get("rng") is not None:
         set_rng_state(ckpt["rng"])
     return ckpt
-
-
-# deprecated alias (old name, clashed with chip.checkpoint.load_checkpoint): use load_training_state
-load_checkpoint = load_training_state
 
 
 # ----------------------------------------------------------------------------------------- fit

@@ -60,6 +60,15 @@ def _umask() -> int:
     return mask
 
 
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "none": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+"""Mixed-precision mode (``chip.recipe.AMP_MODES``) -> autocast dtype; training and latency
+measurement share it."""
+
+
 def atomic_save(obj, path) -> None:
     """``torch.save`` through :func:`atomic_write`."""
     with atomic_write(path) as f:
@@ -105,3 +114,31 @@ def flat_outputs(out) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for v in out for t in flat_outputs(v)]
     return []
+
+
+def device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """Where ``model`` lives and its floating dtype: the device of its first parameter or buffer
+    (CPU if none) and the first floating dtype among them (float32 if none)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    return device, dtype
+
+
+def example_input(model, size, *, zeros: bool = False, seed: int = 0) -> torch.Tensor:
+    """An input of shape ``size`` in ``model``'s device and floating dtype: zeros (for tracing)
+    or a seeded standard normal draw (for checks)."""
+    device, dtype = device_dtype(model)
+    if zeros:
+        return torch.zeros(tuple(size), device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(size), generator=gen, dtype=torch.float64).to(device, dtype)
+
+
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first line of an exception's message (its type name if it has none), optionally
+    prefixed with the type: for one-line error messages that quote a library's error."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if not with_type:
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

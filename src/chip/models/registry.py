@@ -96,7 +96,9 @@ class SparsityLayout:
         ignored = tuple(self.ignored)
         for note in ignored:
             if not (0 <= note.position < len(positions) and 0 <= note.follows < len(positions)):
-                raise ValueError(f"ignored rate {note} is outside the layout's {len(positions)} positions")
+                raise ValueError(
+                    f"ignored rate {note} is outside the layout's {len(positions)} positions"
+                )
         object.__setattr__(self, "positions", positions)
         object.__setattr__(self, "help", self.help or f"{len(positions)} positions")
         object.__setattr__(self, "ignored", ignored)
@@ -159,8 +161,9 @@ def register_model(
         key = name or fn.__name__
         if key in _MODEL_TABLE:
             raise ValueError(f"model {key!r} is already registered")
-        _MODEL_TABLE[key] = ModelInfo(key, fn, (c, h, w), int(num_classes), sparsity,
-                                      reference_points)
+        _MODEL_TABLE[key] = ModelInfo(
+            key, fn, (c, h, w), int(num_classes), sparsity, reference_points
+        )
         return fn
 
     return decorator
@@ -199,8 +202,6 @@ def create(
     checkpoint: str | Path | Mapping[str, Any] | None = None,
     strict: bool = True,
     trust_code: bool = False,
-    *,
-    unsafe_pickle: bool | None = None,
 ) -> nn.Module:
     """Build registered architecture ``name`` and optionally load ``checkpoint`` into it.
 
@@ -213,14 +214,11 @@ def create(
             :func:`chip.checkpoint.load_weights`).
         strict: require the checkpoint keys to match the model's exactly.
         trust_code: the checkpoint file is trusted: allow full (code-executing) unpickling.
-        unsafe_pickle: deprecated name of ``trust_code``.
 
     The returned model has ``chip_arch`` (= ``name``) and ``chip_kwargs``
     (``{"num_classes", "in_channels"}``) attributes so it can be rebuilt with
     ``create(model.chip_arch, **model.chip_kwargs)``.
     """
-    # deprecated keyword kept until every caller says trust_code=; it means the same thing
-    trust_code = bool(trust_code or unsafe_pickle)
     info = get_model_info(name)
     if num_classes is None:
         num_classes = info.num_classes

@@ -18,8 +18,11 @@ _BLOCKS = (3, 4, 6, 3)  # bottlenecks per stage
 
 
 def _sparsity_positions() -> list[list[str]]:
-    inner = [[f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2"]
-             for s, blocks in zip((1, 2, 3, 4), _BLOCKS) for b in range(blocks)]
+    inner = [
+        [f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2"]
+        for s, blocks in zip((1, 2, 3, 4), _BLOCKS)
+        for b in range(blocks)
+    ]
     return [["conv1"], ["layer1.0.conv3"], ["layer2.0.conv3"], ["layer3.0.conv3"]] + inner
 
 
@@ -35,12 +38,19 @@ RESNET50_SPARSITY = SparsityLayout(
 # the reference code's CI hook points (ci_conv1, ci_conv2, ...): the stem after the max-pool, then
 # the three calls of every bottleneck's shared ReLU (after bn1, bn2 and the residual sum)
 RESNET50_REFERENCE_POINTS = ["maxpool"] + [
-    f"layer{s}.{b}.relu:{k}" for s, blocks in zip((1, 2, 3, 4), _BLOCKS)
-    for b in range(blocks) for k in (0, 1, 2)]
+    f"layer{s}.{b}.relu:{k}"
+    for s, blocks in zip((1, 2, 3, 4), _BLOCKS)
+    for b in range(blocks)
+    for k in (0, 1, 2)
+]
 
 
-@register_model(input_size=(3, 224, 224), num_classes=1000, sparsity=RESNET50_SPARSITY,
-                reference_points=RESNET50_REFERENCE_POINTS)
+@register_model(
+    input_size=(3, 224, 224),
+    num_classes=1000,
+    sparsity=RESNET50_SPARSITY,
+    reference_points=RESNET50_REFERENCE_POINTS,
+)
 def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     """torchvision's ResNet-50 (random init); the stem conv is rebuilt for ``in_channels != 3``."""
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes)

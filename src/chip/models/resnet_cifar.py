@@ -19,7 +19,14 @@ import torch.nn as nn
 
 from chip.models.registry import IgnoredRate, SparsityLayout, register_model
 
-__all__ = ["BasicBlock", "CifarResNet", "PadShortcut", "reference_hook_points", "resnet_cifar", "sparsity_layout"]
+__all__ = [
+    "BasicBlock",
+    "CifarResNet",
+    "PadShortcut",
+    "reference_hook_points",
+    "resnet_cifar",
+    "sparsity_layout",
+]
 
 
 class PadShortcut(nn.Module):
@@ -179,10 +186,14 @@ def sparsity_layout(n: int) -> SparsityLayout:
     return SparsityLayout(
         positions=[[], ["conv1"], ["layer2.0.conv2"]] + inner,
         help=f"stem, stage-1 and stage-2 stream rates, one inner rate per block ({3 * n})",
-        ignored=(IgnoredRate(
-            position=0, follows=1,
-            warning="stem rate {rate} ignored: the stem writes the stage-1 residual stream, a "
-                    "coupled group that takes the stage-1 rate {follows_rate}"),),
+        ignored=(
+            IgnoredRate(
+                position=0,
+                follows=1,
+                warning="stem rate {rate} ignored: the stem writes the stage-1 residual stream, a "
+                "coupled group that takes the stage-1 rate {follows_rate}",
+            ),
+        ),
     )
 
 

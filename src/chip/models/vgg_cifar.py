@@ -110,9 +110,23 @@ VGG16_SPARSITY = SparsityLayout(
 
 # the reference code's CI hook points (ci_conv1 .. ci_conv12): each pruned conv's output after its
 # ReLU, or after the max-pool that follows it
-VGG16_REFERENCE_POINTS = [f"features.{m}" for m in (
-    "relu0", "pool2", "relu3", "pool5", "relu6", "relu7", "pool9", "relu10", "relu11", "pool13",
-    "relu14", "relu15")]
+VGG16_REFERENCE_POINTS = [
+    f"features.{m}"
+    for m in (
+        "relu0",
+        "pool2",
+        "relu3",
+        "pool5",
+        "relu6",
+        "relu7",
+        "pool9",
+        "relu10",
+        "relu11",
+        "pool13",
+        "relu14",
+        "relu15",
+    )
+]
 
 
 @register_model(sparsity=VGG16_SPARSITY, reference_points=VGG16_REFERENCE_POINTS)
