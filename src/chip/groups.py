@@ -282,6 +282,11 @@ class ChannelGroup:
             kept += self.units[ids[order]].flatten().tolist()
         return sorted(kept)
 
+    def unusual_ops(self) -> list[str]:
+        """The autograd ops the channels pass through that are not plain element-wise ones (for
+        messages: a channel shuffle or pixel shuffle shows up here)."""
+        return [op for op in self.ops if not op.lower().startswith(_PLAIN_OPS)]
+
     def check_keep(self, keep: Sequence[int]) -> None:
         """Raise :class:`ChipError` unless ``keep`` respects the group's units and cells."""
         mask = torch.zeros(self.channels, dtype=torch.bool)

@@ -316,16 +316,9 @@ def _bisect(names: list[str], reason: str, trial: Callable, graph: GroupGraph) -
 
 
 def _explain(group: ChannelGroup, why: str) -> str:
-    unusual = [op for op in group.ops if not _is_plain_op(op)]
+    unusual = group.unusual_ops()
     hint = f"; its channels pass through {', '.join(unusual[:3])}" if unusual else ""
     return f"{why}{hint}"
-
-
-def _is_plain_op(op: str) -> bool:
-    from .groups import _PLAIN_OPS
-
-    low = op.lower()
-    return any(low.startswith(p) for p in _PLAIN_OPS)
 
 
 def _trial(
@@ -338,18 +331,12 @@ def _trial(
     """Prune ``work`` (a float64 copy) by ``removed``; None if it matches the masked original.
     ``graph`` (the graph of ``work``) is released afterwards."""
     try:
-        return _try_pruning(work, graph, removed, x, counter)
+        return _check_pruned(work, graph, removed, x, counter)
     finally:
         graph.release()
 
 
-def _try_pruning(
-    work: nn.Module,
-    graph: GroupGraph,
-    removed: Mapping[str, list[int]],
-    x: torch.Tensor,
-    counter: WidthCounter | None,
-) -> str | None:
+def _check_pruned(work, graph, removed, x, counter) -> str | None:
     with eval_mode(work), torch.no_grad():
         handles = masked_forward_hooks(work, removed, graph)
         try:
