@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from .checkpoint import check_state_dict
 from .errors import ChipError
-from .utils import atomic_path, atomic_write
+from .utils import atomic_path, atomic_write, eval_mode
 
 __all__ = [
     "FORMAT",
@@ -454,14 +454,9 @@ def _check_buffers(
 
 @contextlib.contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for the duration; the training flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    """Eval mode and no grad for the duration; every submodule's training flag is restored."""
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _as_tuple(example_inputs) -> tuple:

@@ -161,8 +161,9 @@ def _example_inputs(model: nn.Module, loader, example_inputs) -> torch.Tensor:
     import torch
 
     from .calibration import first_batch
+    from .utils import device_dtype
 
-    first = next(iter(model.parameters()))
+    device, dtype = device_dtype(model)
     if example_inputs is not None:
         x = example_inputs
     elif loader is not None:
@@ -178,7 +179,7 @@ def _example_inputs(model: nn.Module, loader, example_inputs) -> torch.Tensor:
         )
     if not isinstance(x, torch.Tensor):
         raise ChipError(f"example_inputs must be a tensor, got {type(x).__name__}")
-    return x.to(device=first.device, dtype=first.dtype if x.is_floating_point() else x.dtype)
+    return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
 
 
 def score(

@@ -34,7 +34,7 @@ from .criteria import get_criterion, score
 from .errors import ChipError
 from .groups import find_groups
 from .planning import kept_width
-from .utils import atomic_write
+from .utils import atomic_write, device_dtype
 
 __all__ = ["GroupStability", "StabilityReport", "average_ranks", "spearman", "stability"]
 
@@ -183,10 +183,8 @@ def stability(
             f"{len(batches)}; expected k <= number of calibration batches"
         )
     subsets = [batches[j::k] for j in range(k)]
-    first = next(iter(model.parameters()))
-    graph = find_groups(
-        model, batches[0][:2].to(device=first.device, dtype=first.dtype), check=False
-    )
+    device_, dtype = device_dtype(model)
+    graph = find_groups(model, batches[0][:2].to(device=device_, dtype=dtype), check=False)
     scores = [
         score(
             model,
