@@ -220,7 +220,6 @@ def test_eval_json_matches_plain_loop(capsys, scored):
 # ------------------------------------------------------------------------- user errors
 
 BAD_ARGS = {
-    "no-command": [],
     "unknown-command": ["frobnicate"],
     "missing-arch": ["plan", "--sparsity", "[0.1]"],
     "two-targets": ["plan", "--arch", "resnet56", "--rate", "0.3", "--flops", "0.5"],
@@ -460,7 +459,6 @@ def test_export_subcommand(capsys, scored, tmp_path, fmt):
                 "0.5",
                 "--out",
                 str(pruned),
-                "--quiet",
             ]
         )
         == 0
@@ -508,4 +506,10 @@ def test_download_and_tensorboard_flags_reach_the_library(monkeypatch):
     args = parser.parse_args(
         ["train", "--arch", "resnet20", "--data", "digits", "--out-dir", "o", "--tensorboard"]
     )
-    assert cli._train_config(args, cli._train_defaults()).tensorboard is True
+    assert cli._train_config(args, cli._train_defaults(), "train").tensorboard is True
+
+
+def test_chip_alone_prints_usage_and_the_commands(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: chip") and all(name in out for name in cli.COMMANDS)

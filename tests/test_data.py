@@ -107,7 +107,7 @@ def _case(name, tmp_path):
     if name in ("mnist", "fashion-mnist"):
         write_mnist(tmp_path, rng, gz=True)
         return tmp_path, {}
-    if name == "imagenet":
+    if name in ("imagenet", "imagefolder"):
         write_image_folder(tmp_path, rng)
         return tmp_path, {"image_size": 16}
     if name == "digits":
@@ -121,6 +121,7 @@ EXPECTED = {  # name -> (num_classes, in_channels, (H, W), train size, val size)
     "mnist": (10, 1, (28, 28), 5, 4),
     "fashion-mnist": (10, 1, (28, 28), 5, 4),
     "imagenet": (2, 3, (16, 16), 4, 4),
+    "imagefolder": (2, 3, (16, 16), 4, 4),
     "digits": (10, 1, (12, 12), 1437, 360),
     "synthetic": (10, 2, (8, 8), 20, 10),
 }

@@ -42,7 +42,7 @@ BAD_CONFIGS = {
     "warmup-too-long": (
         {"finetune.warmup_epochs": 5},
         "5 warm-up epochs need at least 6 epochs (got 1); lower "
-        "finetune.warmup_epochs (--warmup-epochs) or raise finetune.epochs",
+        "finetune.warmup_epochs or raise finetune.epochs",
     ),
     "negative-lr": ({"baseline.lr": -1.0}, "invalid train config"),
     "no-arch": ({"arch": None}, "'arch' must be string"),

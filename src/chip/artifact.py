@@ -6,14 +6,17 @@ entry (key ``"chip.artifact"``), a JSON header naming how to rebuild the module:
     {"format": "chip.artifact", "format_version": 1,
      "arch": "resnet56", "kwargs": {"num_classes": 10, "in_channels": 3},
      "builder": null, "plan": {...PruningPlan.to_dict()...} or null,
-     "chip_version": "0.1.0", "torch_version": "2.14.1", "extra": {...user data...},
+     "chip_version": "0.2.0", "torch_version": "2.14.1", "extra": {...user data...},
      "check_buffers": ["layer2.0.shortcut.src", ...],
      "state_dict_metadata": {"": {"version": 2}, "layers.0": {"version": 1}, ...}}
 
 :func:`load` rebuilds ``chip.models.create(arch, **kwargs)``, re-applies the plan with
-:func:`chip.prune.apply` and loads the weights with ``strict=True``. Nothing is unpickled, so a
-file from a stranger cannot run code - unless it names a ``builder`` (see below) and the caller
-passes ``trust_code=True``.
+:func:`chip.prune.apply` and loads the weights with ``strict=True``. ``arch`` is the model source
+the model was created from (:mod:`chip.models.sources`): a zoo name, ``torchvision:NAME``,
+``timm:NAME`` (rebuilt from the installed library, trusted) or the user's code
+``path/to/file.py:function`` / ``package.module:function``. Nothing is unpickled, so a file from a
+stranger cannot run code - unless it names the user's code (or a ``builder``, see below) and the
+caller passes ``trust_code=True``.
 
 Non-persistent buffers (the ``src`` / ``dst`` index buffers of the option-A
 :class:`~chip.models.PadShortcut`) are not part of the ``state_dict``: re-applying the plan
@@ -27,10 +30,11 @@ prefix -> ``{"version": ...}``, the per-module format versions that some modules
 dict before ``load_state_dict``, as ``torch.load`` would. Files written without it (older chip)
 load as before, with no metadata.
 
-Models outside the zoo (no ``chip_arch``) cannot be rebuilt from data alone. Either export them
-(:func:`export_torchscript`, :func:`export_onnx`) or name a builder, ``"package.module:function"``,
-that :func:`load` imports and calls with ``builder_kwargs``; since that runs code named in the
-file, :func:`load` requires ``trust_code=True`` for such files.
+Models chip did not create (no ``chip_arch``) cannot be rebuilt from data alone. Either create
+them with :func:`chip.models.create`, export them (:func:`export_torchscript`,
+:func:`export_onnx`) or name a builder, ``"package.module:function"``, that :func:`load` imports and
+calls with ``builder_kwargs``; since that runs code named in the file, :func:`load` requires
+``trust_code=True`` for such files.
 
 :func:`load_info` reads only the header (cheap, no tensors).
 """
@@ -127,14 +131,15 @@ def _header(model: nn.Module, extra, builder, builder_kwargs) -> dict[str, Any]:
         _resolve_builder(builder)  # fail now, not when loading
     elif arch is None:
         raise ChipError(
-            f"cannot save {type(model).__name__} without code: it is not a chip zoo model (no "
-            "chip_arch); use chip.artifact.export_torchscript / export_onnx, or pass "
-            "builder='package.module:function' that builds the unpruned model"
+            f"cannot save {type(model).__name__}: chip does not know where it comes from (no "
+            "chip_arch); build it with chip.models.create(SOURCE) (a zoo name, torchvision:NAME, "
+            "timm:NAME or path/to/file.py:function), or pass builder='package.module:function', "
+            "or export it (chip.artifact.export_torchscript / export_onnx)"
         )
     else:
-        from .models import get_model_info
+        from .models.sources import resolve_source
 
-        get_model_info(arch)  # unknown arch -> ChipError
+        resolve_source(arch)  # a malformed source -> ChipError now, not when loading
     kwargs = dict(
         builder_kwargs if builder_kwargs is not None else getattr(model, "chip_kwargs", {})
     )
@@ -389,7 +394,7 @@ def _device(map_location) -> torch.device:
 
 
 def _build(path, header: Mapping[str, Any], trust_code: bool) -> nn.Module:
-    """The unpruned model: the named builder (if trusted) or the zoo architecture."""
+    """The unpruned model: the named builder (if trusted) or the recorded model source."""
     kwargs = header.get("kwargs") or {}
     builder = header.get("builder")
     if builder is not None:
@@ -403,7 +408,12 @@ def _build(path, header: Mapping[str, Any], trust_code: bool) -> nn.Module:
     else:
         from .models import create
 
-        fn, what = (lambda **kw: create(header.get("arch"), **kw)), f"arch {header.get('arch')!r}"
+        arch = header.get("arch")
+
+        def fn(**kw):
+            return create(arch, trust_code=trust_code, **kw)
+
+        what = f"model {arch!r}"
     try:
         model = fn(**kwargs)
     except TypeError as exc:

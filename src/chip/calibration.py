@@ -205,7 +205,7 @@ def split_batch(batch) -> torch.Tensor:
     return x
 
 
-@dataclass
+@dataclass(repr=False)
 class ChannelScores:
     """Mean per-channel scores of every group and hook point of one model.
 
@@ -218,6 +218,26 @@ class ChannelScores:
     point_group: dict[str, str] = field(default_factory=dict)
     num_samples: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        meta = self.meta or {}
+        return (
+            f"ChannelScores({len(self.groups)} groups, {len(self.points)} hook points, "
+            f"criterion {meta.get('criterion')}, {self.num_samples} samples, "
+            f"arch {meta.get('arch')}; .table() lists them)"
+        )
+
+    def table(self) -> str:
+        """One line per group: channels and the min / mean / max score."""
+        width = max([len("group")] + [len(n) for n in self.groups])
+        lines = [f"{'group':<{width}}  channels  {'min':>10}  {'mean':>10}  {'max':>10}"]
+        for name, v in self.groups.items():
+            v = v.double()
+            lines.append(
+                f"{name:<{width}}  {v.numel():>8}  {float(v.min()):>10.4g}  "
+                f"{float(v.mean()):>10.4g}  {float(v.max()):>10.4g}"
+            )
+        return "\n".join(lines)
 
     def __getitem__(self, group: str) -> torch.Tensor:
         return self.groups[group]

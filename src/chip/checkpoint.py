@@ -119,6 +119,7 @@ def load_torch_file(path: str | Path, *, trust_code: bool = False) -> Any:
             the refused global and ``trust_code=True`` / ``--trust-code``), or it is unreadable.
     """
     path = Path(path)
+    _check_torch_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_code)
     except pickle.UnpicklingError as exc:
@@ -130,9 +131,32 @@ def load_torch_file(path: str | Path, *, trust_code: bool = False) -> Any:
             ) from None
         raise ChipError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     except Exception as exc:  # corrupt files surface as many types (IndexError, EOFError, ...)
+        reason = first_line(exc).split(". ")[0]
         raise ChipError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}"
+            f"cannot read checkpoint {path}: it is truncated or corrupted ({type(exc).__name__}: "
+            f"{reason}); expected a complete torch.save file"
         ) from None
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy pickle (protocol 2+)
+
+
+def _check_torch_file(path: Path) -> None:
+    """ChipError (naming the expected form) for an empty file or one that is neither a
+    ``torch.save`` zip archive nor a pickle: full unpickling would not help those."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ChipError(
+            f"checkpoint {path} is empty (0 bytes); expected a state_dict saved with "
+            "torch.save, or a .safetensors file"
+        )
+    if not head.startswith(_TORCH_MAGIC):
+        raise ChipError(
+            f"checkpoint {path} is not a torch.save file (it starts with bytes "
+            f"{head.hex()}); expected a state_dict saved with torch.save, or a "
+            ".safetensors file"
+        )
 
 
 def _safetensors_load(path: Path) -> Any:

@@ -154,13 +154,17 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
 
 
-def _train_config(args: argparse.Namespace, defaults: dict):
+def _train_config(args: argparse.Namespace, defaults: dict, section: str):
     from chip.config import train_config
 
     given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    section = {**defaults, **given}
-    cfg = {"seed": args.seed, "data": {"batch_size": section.pop("batch_size", 128)}, "x": section}
-    return train_config(cfg, "x")
+    values = {**defaults, **given}
+    cfg = {
+        "seed": args.seed,
+        "data": {"batch_size": values.pop("batch_size", 128)},
+        section: values,
+    }
+    return train_config(cfg, section, cli=True)
 
 
 def _data(args: argparse.Namespace, train_augment: bool = True):
@@ -193,16 +197,87 @@ def _echo(text: str = "", file=None) -> None:
         print(text, file=file or sys.stdout, flush=True)
 
 
-def _model_from_args(args: argparse.Namespace, info) -> nn.Module:
+def add_model_args(
+    parser: argparse.ArgumentParser,
+    *,
+    checkpoint_required: bool = False,
+    checkpoint_help: str = "trained weights (a state_dict file; a whole pickled model needs "
+    "--trust-code and makes --arch optional)",
+    input_size: bool = True,
+) -> None:
+    """--arch, --model-kwargs, --num-classes, --checkpoint, --trust-code [, --input-size]."""
+    g = parser.add_argument_group("model")
+    add_option(g, OPTIONS["arch"])
+    add_option(g, OPTIONS["model_kwargs"])
+    add_option(g, OPTIONS["num_classes"])
+    add_option(g, OPTIONS["checkpoint"], required=checkpoint_required, help=checkpoint_help)
+    add_option(g, OPTIONS["trust_code"])
+    if input_size:
+        g.add_argument(
+            "--input-size",
+            type=_int_list,
+            default=None,
+            metavar="C,H,W",
+            help="input size of one image (default: the one the model's source declares: zoo, "
+            "timm; required for other models)",
+        )
+
+
+def _build_model(
+    args: argparse.Namespace, num_classes: int | None = None, in_channels: int | None = None
+) -> nn.Module:
+    """The model the flags name (see :func:`add_model_args`); ``num_classes`` / ``in_channels``
+    come from the data when there is some (``--num-classes`` wins)."""
+    if getattr(args, "arch", None) is None:
+        return _pickled_model(args)
     from chip.models import create
 
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    # precedence: --num-classes, then --model-kwargs num_classes=..., then the data's
+    for flag, key, from_data in (
+        ("num_classes", "num_classes", num_classes),
+        ("in_channels", "in_channels", in_channels),
+    ):
+        given = getattr(args, flag, None)
+        if given is not None:
+            kwargs[key] = given
+        elif key not in kwargs and from_data is not None:
+            kwargs[key] = from_data
     return create(
         args.arch,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
         checkpoint=getattr(args, "checkpoint", None),
         trust_code=getattr(args, "trust_code", False),
+        **kwargs,
     )
+
+
+def _pickled_model(args: argparse.Namespace) -> nn.Module:
+    """A whole model saved with ``torch.save(model)``: only with --trust-code."""
+    import torch.nn as nn
+
+    from chip.checkpoint import load_torch_file
+
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None:
+        raise UsageError("--arch is required (a model name; see --help)")
+    if not args.trust_code:
+        raise ChipError(
+            f"no --arch: {checkpoint} would have to be a whole pickled model, which can run code "
+            "when loaded; pass --trust-code if you trust it, or name the model with --arch"
+        )
+    obj = load_torch_file(checkpoint, trust_code=True)
+    if not isinstance(obj, nn.Module):
+        raise ChipError(
+            f"{checkpoint} holds {type(obj).__name__}, not a whole model; name the model with --arch"
+        )
+    return obj
+
+
+def _model_input(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
+    """(1, C, H, W) for a command without data: --input-size or the source's, checked."""
+    from chip.preflight import input_size_for
+
+    return (1, *input_size_for(model, args.input_size, getattr(args, "arch", None) or ""))
 
 
 def _fmt_count(n: int) -> str:
@@ -242,9 +317,7 @@ def _distributed(device):
 
 
 def get_args_parser_score(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, OPTIONS["arch"], required=True)
-    add_option(parser, OPTIONS["checkpoint"], help="trained weights (state_dict file)")
-    add_option(parser, OPTIONS["trust_code"])
+    add_model_args(parser)
     add_data_args(
         parser,
         batch_size=None,
@@ -303,19 +376,23 @@ def cmd_score(args: argparse.Namespace) -> int:
     from chip.criteria import score
     from chip.data import calibration_loader
     from chip.distributed import is_main_process
+    from chip.preflight import check_writable
 
     _check_score_args(args)
+    check_writable(args.out, "output file")
     with _distributed(args.device) as dist:
-        loader, source = None, "weights"
+        loader, source, example = None, "weights", None
         if args.data is not None:
             train, _, info = _data(args)
-            model = _model_from_args(args, info)
+            model = _build_model(args, info.num_classes, info.in_channels)
+            _check_fits(model, info)
             loader = calibration_loader(train, args.batches, args.batch_size, args.seed)
             source = info.name
         else:
-            from chip.models import create
+            import torch
 
-            model = create(args.arch, checkpoint=args.checkpoint, trust_code=args.trust_code)
+            model = _build_model(args)
+            example = torch.zeros(_model_input(args, model))
         t0 = time.perf_counter()
         scores = score(
             model,
@@ -324,6 +401,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             num_batches=args.batches,
             seed=args.seed,
             device=dist.device,
+            example_inputs=example,
             progress=not args.quiet,
         )
         seconds = time.perf_counter() - t0
@@ -337,7 +415,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             source = "from its weights" if args.criterion == "l1" else f"from seed {args.seed}"
         _echo(
             f"scored {len(scores.groups)} groups ({len(scores.points)} hook points) of "
-            f"{args.arch} {source} with {args.criterion} in {seconds:.1f} s -> {args.out}"
+            f"{_model_name(args, model)} {source} with {args.criterion} in {seconds:.1f} s "
+            f"-> {args.out}"
         )
         if args.stability is not None:
             _score_stability(args, model, loader, dist.device)
@@ -384,68 +463,53 @@ def _plan_target(args: argparse.Namespace):
     return resolve_target({k: getattr(args, k) for k in kinds})
 
 
-def _plan_model_args(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, OPTIONS["arch"], required=True)
-    add_option(
-        parser, OPTIONS["num_classes"], help="classifier outputs (default: the architecture's)"
-    )
-    parser.add_argument(
-        "--input-size",
-        type=_int_list,
-        default=None,
-        metavar="C,H,W",
-        help="input size (default: the architecture's, e.g. 3,32,32)",
-    )
-
-
-def _input_size(args: argparse.Namespace) -> tuple[int, ...]:
-    from chip.models import arch_input_size
-
-    size = args.input_size or arch_input_size(args.arch)
-    if len(size) < 2:
-        raise ChipError(f"--input-size needs channels and spatial sizes like 3,32,32, got {size}")
-    return (1, *size)
-
-
 def get_args_parser_plan(parser: argparse.ArgumentParser) -> None:
-    _plan_model_args(parser)
+    add_model_args(
+        parser,
+        checkpoint_help="weights (not needed: a plan depends on the "
+        "architecture only; a whole pickled model needs --trust-code)",
+    )
     add_target_args(parser)
     parser.add_argument(
         "--scores", type=Path, help="scores from chip score (which channels to keep)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
     parser.add_argument("--out", type=Path, help="write the plan here (JSON)")
-    add_common_args(parser)
+    add_option(parser, OPTIONS["threads"])
 
 
-def _width_table(plan) -> list[str]:
-    width = max([len("group")] + [len(n) for n in plan.groups])
-    lines = [f"{'group':<{width}}  channels  kept"]
-    for name, g in plan.groups.items():
-        lines.append(f"{name:<{width}}  {g.channels:>8}  {g.kept:>4}")
-    for name, why in plan.skipped.items():
-        lines.append(f"kept whole: {name}: {why}")
-    return lines
-
-
-def _make_plan(args: argparse.Namespace, model: nn.Module, scores):
+def _make_plan(args: argparse.Namespace, model: nn.Module, scores, size):
     from chip.planning import plan
 
-    return plan(
-        model, scores, _plan_target(args), round_to=args.round_to, input_size=_input_size(args)
-    )
+    return plan(model, scores, _plan_target(args), round_to=args.round_to, input_size=size)
+
+
+def _model_name(args: argparse.Namespace, model: nn.Module) -> str:
+    return getattr(args, "arch", None) or getattr(model, "chip_arch", None) or type(model).__name__
+
+
+def _load_scores(path: Path | None, model: nn.Module):
+    """Scores file, checked against the model they are meant for (None: no file)."""
+    if path is None:
+        return None
+    from chip.calibration import ChannelScores
+
+    scores = ChannelScores.load(path)
+    arch, ours = scores.meta.get("arch"), getattr(model, "chip_arch", None)
+    if arch is not None and ours is not None and arch != ours:
+        raise ChipError(f"scores {path} were computed on {arch}, not {ours}")
+    return scores
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from chip.calibration import ChannelScores
-    from chip.models import create
-    from chip.utils import seed_everything
+    from chip.preflight import check_writable
 
-    seed_everything(args.seed)
-    size = _input_size(args)
-    scores = ChannelScores.load(args.scores) if args.scores is not None else None
-    model = create(args.arch, num_classes=args.num_classes, in_channels=size[1])
-    p = _make_plan(args, model, scores)
+    if args.out is not None:
+        check_writable(args.out, "output file")
+    model = _build_model(args, in_channels=args.input_size[0] if args.input_size else None)
+    size = _model_input(args, model)
+    scores = _load_scores(args.scores, model)
+    p = _make_plan(args, model, scores, size)
     if scores is None:
         print(
             "note: no --scores given: the plan keeps the first channels of every group; which "
@@ -457,7 +521,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     s = p.stats
     if args.json:
         obj = {
-            "arch": args.arch,
+            "arch": _model_name(args, model),
             "target": p.target,
             "input_size": list(size),
             "params": s["params"],
@@ -475,10 +539,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(obj))
         return 0
     lines = [
-        f"{args.arch}, target {p.target}"
+        f"{_model_name(args, model)}, target {p.target}"
         + (f", round to {args.round_to}" if args.round_to > 1 else "")
     ]
-    lines += _width_table(p)
+    lines += p.table().splitlines()
     lines += _counts_lines(s["base_params"], s["base_macs"], s["params"], s["macs"], size)
     if args.out is not None:
         lines.append(f"plan written to {args.out}")
@@ -490,43 +554,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def get_args_parser_prune(parser: argparse.ArgumentParser) -> None:
-    _plan_model_args(parser)
-    add_option(parser, OPTIONS["checkpoint"], required=True, help="trained weights")
-    add_option(parser, OPTIONS["trust_code"])
-    parser.add_argument("--scores", type=Path, required=True, help="scores from chip score")
+    add_model_args(parser, checkpoint_required=True)
+    parser.add_argument(
+        "--scores", type=Path, help="scores from chip score (not needed with --plan)"
+    )
     add_target_args(parser, plan_file=True)
     parser.add_argument("--out", type=Path, required=True, help="pruned model artifact (.chip)")
-    add_common_args(parser)
+    add_option(parser, OPTIONS["threads"])
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from chip.artifact import save
-    from chip.calibration import ChannelScores
     from chip.counting import count
-    from chip.models import create
     from chip.planning import PruningPlan
+    from chip.preflight import check_writable
     from chip.prune import apply
-    from chip.utils import seed_everything
 
-    seed_everything(args.seed)
-    size = _input_size(args)
-    scores = ChannelScores.load(args.scores)
-    arch = scores.meta.get("arch")
-    if arch not in (None, args.arch):
-        raise ChipError(f"scores {args.scores} were computed on {arch}, not {args.arch}")
-    model = create(
-        args.arch,
-        num_classes=args.num_classes,
-        in_channels=size[1],
-        checkpoint=args.checkpoint,
-        trust_code=args.trust_code,
-    )
-    if args.plan is not None:
-        p = PruningPlan.load(args.plan)
-        if p.arch not in (None, args.arch):
-            raise ChipError(f"plan {args.plan} was made for {p.arch}, not {args.arch}")
+    if args.plan is None and args.scores is None:
+        raise UsageError("prune: --scores is required unless --plan gives the kept channels")
+    check_writable(args.out, "output file")
+    p = PruningPlan.load(args.plan) if args.plan is not None else None
+    if p is not None and args.input_size is None:
+        args.input_size = tuple(p.input_size[1:])  # the size the plan was counted at
+    model = _build_model(args, in_channels=args.input_size[0] if args.input_size else None)
+    size = _model_input(args, model)
+    name = _model_name(args, model)
+    if p is not None:
+        ours = getattr(model, "chip_arch", None)
+        if p.arch is not None and ours is not None and p.arch != ours:
+            raise ChipError(f"plan {args.plan} was made for {p.arch}, not {ours}")
     else:
-        p = _make_plan(args, model, scores)
+        p = _make_plan(args, model, _load_scores(args.scores, model), size)
     base = count(model, size)
     pruned = apply(model, p)
     after = count(pruned, size)
@@ -541,7 +599,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "input_size": list(size),
         },
     )
-    lines = [f"pruned {args.arch} ({p.target}) -> {args.out}"]
+    lines = [f"pruned {name} ({p.target}) -> {args.out}"]
     lines += _counts_lines(base.params, base.macs, after.params, after.macs, size)
     print("\n".join(lines))
     return 0
@@ -553,7 +611,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def get_args_parser_train(parser: argparse.ArgumentParser) -> None:
     from chip.recipe import BASELINE_DEFAULTS
 
-    add_option(parser, OPTIONS["arch"], required=True)
+    add_model_args(parser, input_size=False, checkpoint_help="initial weights (optional)")
     add_data_args(parser, batch_size=None)
     add_train_args(parser, {**_train_defaults(), **BASELINE_DEFAULTS})
     add_common_args(parser)
@@ -565,16 +623,34 @@ def _train_defaults() -> dict:
     return TrainConfig().to_dict()
 
 
-def _fit_and_save(args: argparse.Namespace, model: nn.Module, defaults: dict, extra: dict) -> int:
+def _check_fits(model: nn.Module, info) -> None:
+    from chip.preflight import check_data_fits
+
+    check_data_fits(model, info.in_channels, info.name, getattr(model, "chip_arch", None) or "")
+
+
+def _training_setup(args: argparse.Namespace, defaults: dict, section: str):
+    """Everything checkable before training: the recipe, the output directory, the data and
+    its splits. Returns (recipe, (train, val, info))."""
+    from chip.preflight import check_splits, check_writable
+
+    tc = _train_config(args, defaults, section)
+    check_writable(args.out_dir, "output directory")
+    data = _data(args)
+    check_splits({"training": data[0], "validation": data[1]}, data[2].name)
+    return tc, data
+
+
+def _fit_and_save(args: argparse.Namespace, model: nn.Module, tc, data, extra: dict) -> int:
     """fit() with the flags' TrainConfig, then save the best epoch as OUT_DIR/model.chip."""
     from chip.artifact import save
     from chip.data import build_loader
     from chip.distributed import is_main_process
     from chip.train import fit, load_training_state
 
-    tc = _train_config(args, defaults)
+    train, val, info = data
+    _check_fits(model, info)
     with _distributed(args.device) as dist:
-        train, val, info = _data(args)
         train_loader = build_loader(
             train, tc.batch_size, train=True, workers=args.workers, seed=tc.seed
         )
@@ -611,17 +687,18 @@ def _fit_and_save(args: argparse.Namespace, model: nn.Module, defaults: dict, ex
 
 def cmd_train(args: argparse.Namespace) -> int:
     from chip.recipe import BASELINE_DEFAULTS
-    from chip.utils import seed_everything
+    from chip.utils import resolve_device, seed_everything
 
-    info = _data_info(args)
-    args.checkpoint = None
+    resolve_device(args.device)
+    tc, data = _training_setup(args, dict(BASELINE_DEFAULTS), "train")
     seed_everything(args.seed)  # the random initialisation
-    model = _model_from_args(args, info)
-    return _fit_and_save(args, model, dict(BASELINE_DEFAULTS), {"arch": args.arch})
+    model = _build_model(args, data[2].num_classes, data[2].in_channels)
+    return _fit_and_save(args, model, tc, data, {"arch": _model_name(args, model)})
 
 
 def get_args_parser_finetune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="pruned model (.chip)")
+    add_option(parser, OPTIONS["trust_code"])
     add_data_args(parser, batch_size=None)
     add_train_args(parser, _train_defaults())
     add_common_args(parser)
@@ -629,20 +706,21 @@ def get_args_parser_finetune(parser: argparse.ArgumentParser) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from chip.artifact import load
+    from chip.utils import resolve_device
 
-    model = load(args.model)
-    return _fit_and_save(args, model, {}, {"source_model": str(args.model)})
+    resolve_device(args.device)
+    tc, data = _training_setup(args, {}, "finetune")
+    model = load(args.model, trust_code=args.trust_code)
+    return _fit_and_save(args, model, tc, data, {"source_model": str(args.model)})
 
 
 # -------------------------------------------------------------------------------------- eval
 
 
 def get_args_parser_eval(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
+    src = parser.add_argument_group("model (--model, or --arch / a pickled --checkpoint)")
     src.add_argument("--model", type=Path, help="model artifact (.chip)")
-    add_option(src, OPTIONS["arch"], help="zoo architecture (with --checkpoint)")
-    add_option(parser, OPTIONS["checkpoint"], help="weights for --arch")
-    add_option(parser, OPTIONS["trust_code"])
+    add_model_args(parser, input_size=False)
     add_data_args(parser, batch_size=256)
     parser.add_argument("--latency", action="store_true", help="also measure inference latency")
     parser.add_argument(
@@ -656,18 +734,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from chip.counting import CONVENTION, count
     from chip.data import build_loader
     from chip.distributed import is_main_process, shard_loader
+    from chip.preflight import check_splits
     from chip.train import evaluate
 
-    if args.arch is not None and args.checkpoint is None:
-        raise UsageError("eval: --arch needs --checkpoint (or pass --model X.chip)")
+    if args.model is not None and (args.arch is not None or args.checkpoint is not None):
+        raise UsageError("eval: pass --model X.chip, or --arch with --checkpoint, not both")
+    if args.model is None and args.checkpoint is None:
+        raise UsageError("eval: pass --model X.chip, or --arch with --checkpoint")
     with _distributed(args.device) as dist:
         _, val, info = _data(args, train_augment=False)
+        check_splits({"validation": val}, info.name)
         if args.model is not None:
             from chip.artifact import load
 
-            model = load(args.model)
+            model = load(args.model, trust_code=args.trust_code)
         else:
-            model = _model_from_args(args, info)
+            model = _build_model(args, info.num_classes, info.in_channels)
+        _check_fits(model, info)
         size = (1, info.in_channels, *info.image_size)
         counts = count(model, size)
         loader = shard_loader(
@@ -694,38 +777,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def get_args_parser_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model artifact (.chip)")
+    add_option(parser, OPTIONS["trust_code"])
     parser.add_argument("--format", choices=("torchscript", "onnx"), required=True)
     parser.add_argument(
         "--input-size",
         type=_int_list,
         default=None,
-        help="C,H,W of one example input (default: the plan's input size)",
+        metavar="C,H,W",
+        help="input size of one image (default: the plan's, or the model's source's)",
     )
     parser.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset")
     parser.add_argument("--out", type=Path, required=True, help="output file (.pt / .onnx)")
-    add_common_args(parser)
+    add_option(parser, OPTIONS["threads"])
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from chip.artifact import export_onnx, export_torchscript, load
+    from chip.preflight import check_writable, format_size, input_size_for
 
-    model = load(args.model)
+    check_writable(args.out, "output file")
+    model = load(args.model, trust_code=args.trust_code)
     plan = getattr(model, "chip_plan", None)
-    size = tuple(args.input_size) if args.input_size else None
-    if size is None:
-        size = tuple(plan.input_size[1:]) if plan is not None else None
-    if size is None:
-        raise UsageError("export: the model has no plan; pass --input-size C,H,W")
-    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(args.seed))
+    given = args.input_size or (tuple(plan.input_size[1:]) if plan is not None else None)
+    size = input_size_for(model, given, str(args.model))
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     if args.format == "onnx":
         path = export_onnx(model, args.out, example, opset=args.opset)
     else:
         path = export_torchscript(model, args.out, example)
-    _echo(
-        f"wrote {args.format} model {path} (input 1x{'x'.join(map(str, size))}, batch axis dynamic)"
-    )
+    _echo(f"wrote {args.format} model {path} (input {format_size(size)}, batch axis dynamic)")
     return 0
 
 
@@ -902,6 +984,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``chip``; returns the exit status (2 on user errors)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # `chip` alone: usage and the commands, not an error about a missing argument
+        get_args_parser().print_help()
+        return 0
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

@@ -250,23 +250,35 @@ def resolve_target(section: Mapping) -> Any:
     kind, value = parse_target(target)
     if kind == "sparsity":
         parse_sparsity(value)
+    if kind == "layers":
+        for layer, rate in value.items():
+            ok = isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1
+            if not ok:
+                raise ChipError(
+                    f"rate {rate!r} for layer {layer!r} is not a fraction of channels "
+                    "to remove; expected a number in [0, 1)"
+                )
     return target
 
 
-def train_config(cfg: Mapping, section: str):
-    """The :class:`chip.train.TrainConfig` of ``cfg[section]`` (seed and batch size defaulted)."""
+def train_config(cfg: Mapping, section: str, *, cli: bool = False):
+    """The :class:`chip.train.TrainConfig` of ``cfg[section]`` (seed and batch size defaulted).
+
+    ``cli=True`` names command-line flags (``--epochs``) in errors instead of config keys."""
     from .recipe import BASELINE_DEFAULTS, TrainConfig
 
     values = dict(BASELINE_DEFAULTS) if section == "baseline" else {}
     values.update({"seed": cfg["seed"], "batch_size": cfg["data"]["batch_size"]})
     values.update(cfg.get(section) or {})
-    flags = {"epochs": "--epochs", "warmup_epochs": "--warmup-epochs"}
     tc = TrainConfig.from_dict(values)
     if tc.warmup_epochs >= tc.epochs and tc.schedule == "cosine":
+        warmup, epochs = (
+            ("--warmup-epochs", "--epochs")
+            if cli
+            else (f"{section}.warmup_epochs", f"{section}.epochs")
+        )
         raise ChipError(
             f"{section}: {tc.warmup_epochs} warm-up epochs need at least "
-            f"{tc.warmup_epochs + 1} epochs (got {tc.epochs}); lower "
-            f"{section}.warmup_epochs ({flags['warmup_epochs']}) or raise "
-            f"{section}.epochs ({flags['epochs']})"
+            f"{tc.warmup_epochs + 1} epochs (got {tc.epochs}); lower {warmup} or raise {epochs}"
         )
     return tc

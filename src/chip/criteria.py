@@ -168,10 +168,10 @@ def _example_inputs(model: nn.Module, loader, example_inputs) -> torch.Tensor:
         x = example_inputs
     elif loader is not None:
         x = first_batch(loader)
-    elif getattr(model, "chip_arch", None) is not None:
+    elif getattr(model, "chip_input_size", None) is not None:
         from .planning import default_input_size
 
-        x = torch.zeros(default_input_size(model, model.chip_arch))
+        x = torch.zeros(default_input_size(model))
     else:
         raise ChipError(
             "cannot trace the model: pass example_inputs (e.g. torch.zeros(1, 3, 32, 32)) "

@@ -453,6 +453,13 @@ def _load_idx_split(images: Path, labels: Path, title: str) -> tuple[np.ndarray,
     return x[:, None], y
 
 
+# where a dataset can be had without a network
+_INSTALL_HINTS = {
+    "fashion-mnist": " (needs a network), or install it with `apt-get install dataset-fashion-mnist` "
+    "(Debian/Ubuntu; files in /usr/share/datasets/fashion-mnist)",
+}
+
+
 def _build_idx(name: str, root: Path, *, train_augment: bool, download: bool):
     spec = _IDX_SETS[name]
     files = _find_idx(root, spec)
@@ -462,9 +469,10 @@ def _build_idx(name: str, root: Path, *, train_augment: bool, download: bool):
         files = _find_idx(root, spec)
     if files is None:
         names = ",".join(stem for stem, _ in _IDX_FILES.values())
+        hint = _INSTALL_HINTS.get(name, "")
         raise ChipError(
             f"{spec.title} not found at {root}: expected {root}/{{{names}}}[.gz] (IDX files, "
-            f"also looked in {root / spec.subdir}); pass --download to fetch it"
+            f"also looked in {root / spec.subdir}); pass --download to fetch it{hint}"
         )
     train_x, train_y = _load_idx_split(files["train_images"], files["train_labels"], spec.title)
     val_x, val_y = _load_idx_split(files["val_images"], files["val_labels"], spec.title)
@@ -501,13 +509,13 @@ def _build_imagenet(
         f"(ImageFolder layout)"
     )
     if download:
-        raise ChipError(f"ImageNet cannot be downloaded automatically: {expected}")
+        raise ChipError(f"{name} cannot be downloaded automatically: {expected}")
     train_dirs, val_dirs = _class_dirs(root / "train"), _class_dirs(root / "val")
     if not train_dirs or not val_dirs:
-        raise ChipError(f"ImageNet not found at {root}: {expected}")
+        raise ChipError(f"{name} images not found at {root}: {expected}")
     if train_dirs != val_dirs:
         raise ChipError(
-            f"ImageNet at {root}: train/ has {len(train_dirs)} class folders and val/ has "
+            f"{name} at {root}: train/ has {len(train_dirs)} class folders and val/ has "
             f"{len(val_dirs)}; expected the same class folders in both"
         )
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -519,7 +527,7 @@ def _build_imagenet(
         train = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
         val = torchvision.datasets.ImageFolder(str(root / "val"), val_tf)
     except FileNotFoundError as e:
-        raise ChipError(f"ImageNet at {root}: {e}; {expected}") from None
+        raise ChipError(f"{name} at {root}: {e}; {expected}") from None
     return train, val, _imagenet_info(name, root, image_size)
 
 
@@ -707,6 +715,14 @@ DATASETS: dict[str, DatasetEntry] = {
         partial(_imagenet_info, "imagenet"),
         ("image_size",),
         "data/imagenet",
+    ),
+    # any ImageFolder tree (ROOT/train/<class>/..., ROOT/val/<class>/...), with ImageNet's
+    # transforms and normalisation at image_size
+    "imagefolder": DatasetEntry(
+        partial(_build_imagenet, "imagefolder"),
+        partial(_imagenet_info, "imagefolder"),
+        ("image_size",),
+        "data/imagefolder",
     ),
     "mnist": DatasetEntry(
         partial(_build_idx, "mnist"), partial(_idx_info, "mnist"), default_root="data/mnist"

@@ -40,8 +40,30 @@ class Option:
     metavar: str | None = None
 
 
+ZOO = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16_bn", "resnet50")
+"""The zoo's model names (for help texts without importing torch; a test keeps it equal to
+``chip.models.list_models()``)."""
+
 _ENTRIES = [
-    Option("arch", "--arch", "str", None, "zoo architecture, e.g. resnet56", nullable=False),
+    Option(
+        "arch",
+        "--arch",
+        "str",
+        None,
+        f"the model: a zoo name ({', '.join(ZOO)}), torchvision:NAME, timm:NAME, "
+        "path/to/file.py:function or package.module:function (user code needs --trust-code)",
+        nullable=False,
+        metavar="MODEL",
+    ),
+    Option(
+        "model_kwargs",
+        "--model-kwargs",
+        "mapping",
+        {},
+        "keyword arguments for the model's builder, e.g. num_classes=10,width=16",
+        nullable=False,
+        metavar="KEY=VALUE,...",
+    ),
     Option(
         "num_classes",
         "--num-classes",
@@ -285,6 +307,11 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def _key_values(text: str) -> dict[str, Any]:
+    """``a=1,b=x`` -> ``{"a": 1, "b": "x"}`` (values are YAML scalars)."""
+    return dict(_key_value(part) for part in text.split(",") if part.strip())
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
@@ -312,6 +339,8 @@ def add_option(
     kwargs: dict[str, Any] = {"help": text, "dest": dest or option.key.rpartition(".")[2]}
     if option.kind == "bool":
         kwargs.update(action="store_true", default=default if default is not None else None)
+    elif option.kind == "mapping" and option.key == "model_kwargs":  # one flag: a=1,b=2
+        kwargs.update(type=_key_values, default={}, metavar=option.metavar)
     elif option.kind == "mapping":
         kwargs.update(type=_key_value, action="append", default=[], metavar=option.metavar)
     else:

@@ -49,7 +49,7 @@ from chip.config import resolve_target, train_config, validate_config
 from chip.errors import ChipError
 from chip.utils import atomic_write
 
-__all__ = ["STAGES", "run"]
+__all__ = ["STAGES", "preflight", "run"]
 
 logger = logging.getLogger("chip.pipeline")
 
@@ -108,7 +108,8 @@ class RunContext:
         )
 
     def new_model(self, checkpoint=None) -> nn.Module:
-        """The zoo model; its random initialisation is seeded with ``seed``."""
+        """The configured model (``arch`` is any model source); its random initialisation is
+        seeded with ``seed``."""
         from chip.models import create
         from chip.utils import seed_everything
 
@@ -120,6 +121,7 @@ class RunContext:
             in_channels=self.info.in_channels,
             checkpoint=checkpoint,
             trust_code=self.cfg["trust_code"],
+            **self.cfg["model_kwargs"],
         )
 
     def baseline_model(self) -> nn.Module:
@@ -369,6 +371,45 @@ def _clear(out_dir: Path, outputs: tuple[str, ...]) -> None:
             path.unlink()
 
 
+def preflight(ctx: RunContext) -> None:
+    """Check what the stages will need before any of them runs, so that a wrong setting fails in
+    seconds and leaves no run directory: the device exists, the output directory can be written,
+    both data splits exist and are not empty, the model source builds (and fits the data), the
+    checkpoint loads into it, and the target is valid for it (sparsity-string length, layer
+    names, a budget it can meet)."""
+    import warnings
+
+    from chip.planning import plan
+    from chip.preflight import check_data_fits, check_splits, check_writable
+    from chip.utils import resolve_device
+
+    cfg = ctx.cfg
+    resolve_device(cfg["device"])
+    check_writable(ctx.out_dir, "run directory")
+    train, val, info = ctx.datasets
+    check_splits({"training": train, "validation": val}, info.name)
+    model = ctx.new_model(checkpoint=cfg["checkpoint"])
+    check_data_fits(model, info.in_channels, info.name, cfg["arch"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plan stage warns about groups kept whole
+        plan(
+            model,
+            None,
+            resolve_target(cfg["target"]),
+            round_to=cfg["target"]["round_to"],
+            input_size=ctx.input_size,
+            graph=_static_graph(model, ctx.input_size),
+        )
+
+
+def _static_graph(model: nn.Module, input_size):
+    """The unchecked group graph (enough to validate a target, and quick)."""
+    from chip.groups import find_groups
+    from chip.utils import example_input
+
+    return find_groups(model, example_input(model, input_size, zeros=True), check=False)
+
+
 def run(config: Mapping, *, progress: bool = True, fresh: bool = False) -> dict:
     """Run (or resume) the whole pipeline; returns the summary dict (also in ``summary.json``).
 
@@ -386,11 +427,12 @@ def run(config: Mapping, *, progress: bool = True, fresh: bool = False) -> dict:
     if get_world_size() > 1:
         raise ChipError("chip run is single-process; use torchrun with chip finetune / chip eval")
     out_dir = Path(cfg["out_dir"])
+    ctx = RunContext(cfg, out_dir, progress)
+    preflight(ctx)  # everything checkable, before the run directory exists
     (out_dir / "stages").mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "config.json", cfg)
     with atomic_write(out_dir / "config.yaml", "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    ctx = RunContext(cfg, out_dir, progress)
     fp, upstream_ran = "", fresh
     for stage in STAGES:
         fp = _fingerprint(fp, stage, cfg)

@@ -147,7 +147,7 @@ class GroupPlan:
         return len(self.keep)
 
 
-@dataclass
+@dataclass(repr=False)
 class PruningPlan:
     """Which channels of every prunable group to keep (plain data; JSON round trip)."""
 
@@ -159,6 +159,32 @@ class PruningPlan:
     stats: dict[str, Any] = field(default_factory=dict)
     # groups chip keeps whole because it cannot prune them correctly: name -> reason
     skipped: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        pruned = sum(g.kept < g.channels for g in self.groups.values())
+        counts = ""
+        if {"base_params", "params", "base_macs", "macs"} <= set(self.stats):
+            from .counting import format_count
+
+            st = self.stats
+            counts = (
+                f"; params {format_count(st['base_params'])} -> {format_count(st['params'])}"
+                f", MACs {format_count(st['base_macs'])} -> {format_count(st['macs'])}"
+            )
+        return (
+            f"PruningPlan({self.arch}, target {self.target}: {len(self.groups)} groups, "
+            f"{pruned} pruned, {len(self.skipped)} kept whole{counts}; .table() lists them)"
+        )
+
+    def table(self) -> str:
+        """One line per group (channels, kept), then the groups kept whole and why."""
+        width = max([len("group")] + [len(n) for n in self.groups])
+        lines = [f"{'group':<{width}}  channels  kept"]
+        for name, g in self.groups.items():
+            lines.append(f"{name:<{width}}  {g.channels:>8}  {g.kept:>4}")
+        for name, why in self.skipped.items():
+            lines.append(f"kept whole: {name}: {why}")
+        return "\n".join(lines)
 
     def widths(self) -> dict[str, int]:
         """Group name -> kept channels."""
@@ -346,10 +372,11 @@ def plan(
         scores: :class:`chip.ChannelScores` (or ``{group: tensor}``); ``None`` keeps the first k.
         target: sparsity string, uniform rate, ``{layer: rate}`` mapping or ``"flops=0.5"`` budget.
         round_to: kept widths become multiples of this (hardware-friendly shapes).
-        input_size: example input (N, C, H, W) for tracing and counting; zoo models know theirs.
+        input_size: example input (N, C, H, W) for tracing and counting; default: the size the
+            model's source declares (zoo, timm), else a :class:`ChipError`.
     """
     arch = getattr(model, "chip_arch", None)
-    input_size = tuple(input_size) if input_size is not None else default_input_size(model, arch)
+    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
     if round_to < 1:
         raise ChipError(f"round_to must be a positive integer, got {round_to}")
     if graph is None:
@@ -418,15 +445,13 @@ def _warn_skipped(graph: GroupGraph) -> None:
         )
 
 
-def default_input_size(model: nn.Module, arch: str | None) -> tuple[int, ...]:
-    """(1, C, H, W): the registered input size of a zoo ``arch`` with the model's own
-    ``in_channels``; (1, 3, 224, 224) for other models."""
-    if arch is not None:
-        from .models import get_model_info
-
-        in_ch = getattr(model, "chip_kwargs", {}).get("in_channels")
-        size = tuple(get_model_info(arch).input_size)
-        if in_ch is not None:
-            size = (in_ch,) + size[1:]
-        return (1,) + size
-    return (1, 3, 224, 224)
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(1, C, H, W) from the input size the model's source declares (``chip_input_size``: zoo
+    models, timm's pretrained config); :class:`ChipError` when it declares none."""
+    size = getattr(model, "chip_input_size", None)
+    if size is None:
+        raise ChipError(
+            f"the input size of {getattr(model, 'chip_arch', None) or type(model).__name__} is not "
+            "known; pass input_size=(1, C, H, W) (CLI: --input-size C,H,W)"
+        )
+    return (1, *size)

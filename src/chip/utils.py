@@ -83,10 +83,34 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device=None) -> torch.device:
-    """``None`` -> CUDA if available else CPU; strings and devices pass through."""
+    """The device to run on: ``None`` -> CUDA if available else CPU; ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"``, ``"mps"`` or a ``torch.device`` -> that device, which must exist here.
+
+    Raises:
+        ChipError: a name torch does not know (``"gpu"``), or a device this machine lacks.
+    """
+    from .errors import ChipError
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ChipError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ChipError(
+                f"device {str(device)!r} is not available: this machine has no CUDA "
+                "(torch.cuda.is_available() is False); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ChipError(
+                f"device {str(device)!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ChipError(f"device {str(device)!r} is not available here; use --device cpu")
+    return dev
 
 
 @contextlib.contextmanager

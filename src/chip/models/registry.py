@@ -198,37 +198,68 @@ def _check_positive_int(value: Any, what: str) -> int:
 def create(
     name: str,
     num_classes: int | None = None,
-    in_channels: int = 3,
+    in_channels: int | None = None,
     checkpoint: str | Path | Mapping[str, Any] | None = None,
     strict: bool = True,
     trust_code: bool = False,
+    **model_kwargs: Any,
 ) -> nn.Module:
-    """Build registered architecture ``name`` and optionally load ``checkpoint`` into it.
+    """Build the model ``name`` names and optionally load ``checkpoint`` into it.
 
     Args:
-        name: a name from :func:`list_models`, e.g. ``"resnet56"``.
-        num_classes: size of the classifier output; ``None`` = the architecture's default
-            (10 for the CIFAR models, 1000 for ``resnet50``).
-        in_channels: channels of the input images (the stem conv is built for it).
+        name: a model source (:mod:`chip.models.sources`): a zoo name such as ``"resnet56"``,
+            ``"torchvision:NAME"``, ``"timm:NAME"``, ``"path/to/file.py:function"`` or
+            ``"package.module:function"``.
+        num_classes: size of the classifier output; ``None`` = the model's default (10 for the
+            CIFAR zoo, 1000 for ``resnet50``, the builder's own otherwise).
+        in_channels: channels of the input images; ``None`` = 3. The zoo builds its stem for it,
+            timm models get ``in_chans``; torchvision models take 3 only.
         checkpoint: path to a state_dict file or an in-memory state_dict (any layout accepted by
             :func:`chip.checkpoint.load_weights`).
         strict: require the checkpoint keys to match the model's exactly.
-        trust_code: the checkpoint file is trusted: allow full (code-executing) unpickling.
+        trust_code: trust the files and code named: allow full (code-executing) unpickling of
+            the checkpoint and importing the user's model code.
+        **model_kwargs: further keyword arguments for the builder (not for zoo models).
 
-    The returned model has ``chip_arch`` (= ``name``) and ``chip_kwargs``
-    (``{"num_classes", "in_channels"}``) attributes so it can be rebuilt with
-    ``create(model.chip_arch, **model.chip_kwargs)``.
+    Raises:
+        ChipError: an unknown or malformed source, user code without ``trust_code``, keyword
+            arguments the builder does not take, a checkpoint that does not fit.
+
+    The returned model has ``chip_arch`` (= ``name``) and ``chip_kwargs`` attributes, so it can be
+    rebuilt with ``create(model.chip_arch, **model.chip_kwargs)``, and ``chip_input_size``
+    (C, H, W) where the source declares one.
     """
-    info = get_model_info(name)
-    if num_classes is None:
-        num_classes = info.num_classes
-    kwargs = {
-        "num_classes": _check_positive_int(num_classes, "num_classes"),
-        "in_channels": _check_positive_int(in_channels, "in_channels"),
-    }
-    model = info.builder(**kwargs)
-    model.chip_arch = info.name
-    model.chip_kwargs = dict(kwargs)
+    from chip.models.sources import resolve_source
+
+    source = resolve_source(name)
+    if source.kind == "zoo":
+        if model_kwargs:
+            raise ChipError(
+                f"zoo model {name!r} takes num_classes and in_channels only, got "
+                f"{sorted(model_kwargs)}"
+            )
+        info = get_model_info(name)
+        kwargs = {
+            "num_classes": _check_positive_int(
+                info.num_classes if num_classes is None else num_classes, "num_classes"
+            ),
+            "in_channels": _check_positive_int(
+                3 if in_channels is None else in_channels, "in_channels"
+            ),
+        }
+    else:
+        kwargs = dict(model_kwargs)
+        if num_classes is not None:
+            kwargs["num_classes"] = _check_positive_int(num_classes, "num_classes")
+        if in_channels is not None and in_channels != 3:
+            _check_positive_int(in_channels, "in_channels")
+            if source.kind == "torchvision":
+                raise ChipError(
+                    f"{name} takes 3-channel images, but {in_channels} input channels were asked "
+                    "for; use 3-channel data (or a timm model: it takes in_chans)"
+                )
+            kwargs["in_chans" if source.kind == "timm" else "in_channels"] = in_channels
+    model = source.build(kwargs, trust_code=trust_code)
     if checkpoint is not None:
         from chip.checkpoint import load_weights
 
