@@ -243,6 +243,42 @@ def test_shufflenet_prunes_around_its_channel_shuffles():
 # -- 5. transposed convolutions -------------------------------------------------------------------
 
 
+class ShuffleBinarised(nn.Module):
+    """A channel shuffle by view/transpose, then a binarised (straight-through sign) output:
+    the output hides most of what happens inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.c1(F.relu(self.c0(x)))
+        n, c, h, w = x.shape
+        x = self.c2(x.view(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w))
+        x = x + (torch.sign(x) - x).detach()
+        return self.fc(x.mean((2, 3))).sign()
+
+
+def test_a_wrong_mapping_hidden_by_the_output_is_still_refused():
+    model = _random(ShuffleBinarised())
+    graph = find_groups(model, torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    assert set(graph.skipped) == {"c1"} and {g.name for g in graph} == {"c0", "c2"}
+    assert "changes what 'c2' computes" in graph.skipped["c1"]
+    with pytest.warns(ChipWarning, match=r"c1: pruning it changes what 'c2' computes"):
+        p = plan(model, _scores(graph), 0.5, input_size=(1, 3, 8, 8))
+    assert p.groups["c0"].kept == 8 and "c1" in p.skipped
+    assert apply(model, p).c2.in_channels == 16  # verified against the masked original inside
+    # a plan that prunes it anyway (made on an unchecked graph) fails verification by name
+    unchecked = find_groups(model, torch.zeros(1, 3, 8, 8, dtype=torch.float64), check=False)
+    bad = plan(model, _scores(unchecked), 0.5, input_size=(1, 3, 8, 8), graph=unchecked)
+    assert bad.groups["c1"].kept == 8
+    with pytest.raises(ChipError, match=r"verification failed for group 'c1'.*'c2' computes"):
+        apply(model, bad)
+
+
 def test_transposed_conv_groups_and_counts():
     model = _random(
         nn.Sequential(
@@ -533,6 +569,25 @@ def test_apply_names_the_group_when_verification_fails(wrong_pruner):
         assert (wrong(x) - _masked(model, p, x)).abs().max() > 1e-3
 
 
+def test_a_failed_inplace_apply_leaves_the_model_as_it_was(wrong_pruner):
+    model = _scaled()
+    graph = find_groups(model, torch.zeros(1, 3, 6, 6, dtype=torch.float64), check=False)
+    p = plan(model, None, 0.5, input_size=(1, 3, 6, 6), graph=graph)
+    conv = model[2]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(ChipError, match="verification failed"):
+        apply(model, p, inplace=True)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert model[2] is conv and conv.out_channels == 8 and conv.weight.shape[0] == 8
+    assert not hasattr(model, "chip_plan")
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
 def test_skipped_groups_round_trip_and_cannot_be_asked_for(tmp_path):
     model = _random(PartialConv())
     with pytest.warns(ChipWarning, match="p: its channels pass through torch.split"):
@@ -553,3 +608,70 @@ def test_skipped_groups_round_trip_and_cannot_be_asked_for(tmp_path):
     )
     with pytest.raises(ChipError, match="group 'p' cannot be pruned"):
         apply(model, edited)
+
+
+def test_a_model_on_the_meta_device_is_refused_in_one_line():
+    with torch.device("meta"):
+        model = torchvision.models.resnet18(num_classes=4)
+    for step in (
+        lambda: plan(model, None, 0.5, input_size=(1, 3, 32, 32)),
+        lambda: chip.score(model, [torch.randn(2, 3, 32, 32)]),
+        lambda: chip.score(model, criterion="l1", example_inputs=torch.randn(1, 3, 32, 32)),
+    ):
+        with pytest.raises(ChipError, match=r"meta device .*'conv1.weight'.*to_empty"):
+            step()
+
+
+def test_volumetric_convs_calibrate_prune_and_refuse_hrank_by_name():
+    model = _random(
+        nn.Sequential(
+            nn.Conv3d(3, 8, 3, padding=1),
+            nn.BatchNorm3d(8),
+            nn.ReLU(),
+            nn.Conv3d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv3d(8, 4, 1),
+            nn.AdaptiveAvgPool3d(1),
+            nn.Flatten(),
+            nn.Linear(4, 2),
+        )
+    )
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 3, 4, 6, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
+    scores = chip.score(model, data, "chip", num_batches=2)
+    assert set(scores.groups) == {"0", "3", "5"}
+    # group "3" is read by conv 5 alone: its scores are CI of conv 5's 5-D input, flattened
+    with torch.no_grad():
+        maps = torch.cat([model[:5](x) for x in data])
+    want = channel_independence(maps.flatten(2)).mean(0)
+    torch.testing.assert_close(scores.groups["3"], want, rtol=1e-9, atol=1e-12)
+    p = plan(model, scores, 0.5, input_size=(1, 3, 4, 6, 6))
+    pruned = apply(model, p)  # verified against the masked original inside
+    assert pruned[3].out_channels == 4 and pruned[5].in_channels == 4
+    with pytest.raises(ChipError, match=r"'hrank' ranks 2-D .* 3-D maps .* use criterion 'chip'"):
+        chip.score(model, data, "hrank", num_batches=1)
+
+
+class ArgmaxOutput(nn.Module):
+    def __init__(self, cut: str):
+        super().__init__()
+        self.cut = cut
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 4, 1)
+        self.c2 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c0(x))
+        if self.cut == "argmax":
+            return self.c1(y).argmax(1)
+        with torch.no_grad():
+            z = self.c2(y)
+        return self.c1(y) + z[:, :4]
+
+
+def test_layers_the_trace_cannot_reach_are_named():
+    with pytest.raises(ChipError, match=r"no channel groups: layers c0, c1 run but .* argmax"):
+        plan(ArgmaxOutput("argmax"), None, 0.5, input_size=(1, 3, 8, 8))
+    with pytest.warns(ChipWarning, match=r"leaves layers c2 as they are: they run but are not"):
+        p = plan(ArgmaxOutput("no_grad"), None, 0.5, input_size=(1, 3, 8, 8))
+    assert "c0" in p.skipped  # c2 reads c0's channels unseen: chip refuses to prune them

@@ -173,6 +173,7 @@ def _write_image_folder(root: Path, classes=2, train=4, val=2, size=16) -> None:
 
 RUN = {
     "arch": "torchvision:resnet18",
+    "model_kwargs": {"num_classes": 2, "zero_init_residual": True},
     "seed": 0,
     "threads": 1,
     "data": {"name": "imagefolder", "image_size": 16, "batch_size": 4},
@@ -388,3 +389,32 @@ def test_reprs_are_summaries():
     assert "resnet56" in repr(plan) and "flops=0.5" in repr(plan)
     assert len(plan.table().splitlines()) == len(plan.groups) + 1
     assert len(scores.table().splitlines()) == len(scores.groups) + 1
+
+
+def test_a_builder_without_num_classes_gets_only_what_it_takes(capsys, tmp_path):
+    fixed = f"{REPO / 'tests' / 'user_model.py'}:build_fixed"
+    scores = tmp_path / "s.json"
+    code, _, err = _cli(
+        capsys, "score", "--arch", fixed, "--trust-code", *SYNTHETIC, "--out", scores,
+        "--batches", "1", "--input-size", "3,32,32",
+    )  # fmt: skip
+    assert code == 0, err
+    from chip.calibration import ChannelScores
+
+    assert ChannelScores.load(scores).num_samples == 16
+    # a builder that takes num_classes still gets the data's
+    from chip.models.sources import resolve_source
+
+    assert resolve_source(fixed).data_sizes(10, 3, trust_code=True) == (None, None)
+    assert resolve_source(USER).data_sizes(10, 3, trust_code=True) == (10, None)
+    assert resolve_source("torchvision:resnet18").data_sizes(10, 3) == (10, 3)
+    # precedence for the command line and chip run: explicit, then model_kwargs, then data
+    from chip.models.sources import build_kwargs
+
+    tv = "torchvision:resnet18"
+    assert build_kwargs(tv, {"num_classes": 5}, data=(10, 3)) == {
+        "num_classes": 5,
+        "in_channels": 3,
+    }
+    assert build_kwargs(tv, {"num_classes": 5}, num_classes=7, data=(10, 3))["num_classes"] == 7
+    assert build_kwargs(fixed, {"width": 4}, data=(10, 3), trust_code=True) == {"width": 4}

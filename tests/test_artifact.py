@@ -191,6 +191,21 @@ def test_dtype_and_kwargs_preserved(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_a_model_pruned_twice_round_trips(tmp_path):
+    model = _randomize(M.create("resnet20"), torch.Generator().manual_seed(2)).eval()
+    once = apply(model, plan(model, None, 0.25))
+    twice = apply(once, plan(once, None, 0.5))
+    assert [p.to_dict() for p in twice.chip_earlier_plans] == [once.chip_plan.to_dict()]
+    path = save(twice, tmp_path / "twice.safetensors")
+    loaded = load(path)
+    assert loaded.conv1.out_channels == twice.conv1.out_channels == 6
+    assert loaded.chip_plan.to_dict() == twice.chip_plan.to_dict()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), twice(x))
+    assert save(loaded, tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+
+
 # -------------------------------------------------------------------------------------- metadata
 @pytest.mark.parametrize("case", list(CASES))
 def test_load_info(case, zoo, saved):

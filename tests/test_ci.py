@@ -47,6 +47,7 @@ CASES = {
     "single_channel": lambda: _relu(3, 1, 4, 4),
     "single_channel_nc": lambda: _gauss(4, 1),
     "hw_1": lambda: _gauss(2, 6, 1, 1),
+    "volume_5d": lambda: _relu(2, 8, 3, 4, 5),
     "identical_rows": lambda: torch.randn(1, 1, 20).expand(2, 30, 20).contiguous(),
     "scaled_rows": lambda: _gauss(2, 10, 30) * torch.logspace(-4, 0, 10)[None, :, None],
 }
@@ -151,10 +152,18 @@ def test_non_finite_raises(bad):
         channel_independence(fmaps)
 
 
-@pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 5, 6), ()])
+@pytest.mark.parametrize("shape", [(5,), ()])
 def test_wrong_ndim_raises(shape):
-    with pytest.raises(ChipError, match=r"\(N, C, H, W\), \(N, C, L\) or \(N, C\)"):
+    with pytest.raises(ChipError, match=r"\(N, C, \*spatial\) .* or \(N, C\), got"):
         channel_independence(torch.zeros(shape))
+
+
+def test_volumes_are_scored_on_their_flattened_maps():
+    fmaps = _relu(2, 6, 3, 4, 5)  # (N, C, D, H, W): each channel's row has all D*H*W positions
+    flat = fmaps.reshape(2, 6, 60)
+    assert torch.equal(channel_independence(fmaps), channel_independence(flat))
+    ref = channel_independence_oracle(flat)
+    assert (channel_independence(fmaps) - ref).abs().max() <= REL_TOL * ref.abs().max()
 
 
 @pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True, "2"])

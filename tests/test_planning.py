@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import chip.models as M
 from chip.counting import count
-from chip.errors import ChipError
+from chip.errors import ChipError, ChipWarning
 from chip.groups import find_groups
 from chip.planning import SPARSITY_LAYOUTS, PruningPlan, parse_sparsity, parse_target, plan
 from chip.prune import apply
@@ -532,10 +532,21 @@ def test_round_to_small_groups_keep_full_width():
     assert p.widths() == {"0": 6, "3": 8}  # 24 * 0.25 = 6 -> 8; 6 <= 8 stays whole
 
 
-def test_round_to_must_be_positive():
+def test_a_round_to_that_prunes_nothing_says_so():
     model, graph, size = model_and_graph("resnet20")
-    with pytest.raises(ChipError, match="round_to"):
-        plan(model, None, 0.3, graph=graph, round_to=0)
+    with pytest.warns(ChipWarning, match=r"round_to=1000 keeps every group whole.* 64 channels"):
+        p = plan(model, None, 0.5, graph=graph, round_to=1000)
+    assert all(g.kept == g.channels for g in p.groups.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChipWarning)
+        plan(model, None, 0.5, graph=graph, round_to=8)  # prunes: no warning
+
+
+@pytest.mark.parametrize("round_to", [0, -8, 2.5, "4", True, None])
+def test_round_to_must_be_a_positive_integer(round_to):
+    model, graph, size = model_and_graph("resnet20")
+    with pytest.raises(ChipError, match=r"round_to must be a positive integer, got"):
+        plan(model, None, 0.3, graph=graph, round_to=round_to)
 
 
 # -- analytic counts vs real surgery ------------------------------------------------------------
@@ -615,6 +626,11 @@ def _corrupt(d: dict, how: str) -> object:
         "keep_negative": lambda: d["groups"][first].update(keep=[-1, 0]),
         "keep_empty": lambda: d["groups"][first].update(keep=[]),
         "keep_text": lambda: d["groups"][first].update(keep=["a"]),
+        "keep_digit_text": lambda: d["groups"][first].update(keep=["0", "1"]),
+        "keep_float": lambda: d["groups"][first].update(keep=[0.0, 1.5]),
+        "keep_whole_float": lambda: d["groups"][first].update(keep=[1.0, 2.0]),
+        "keep_bool": lambda: d["groups"][first].update(keep=[False, True]),
+        "channels_float": lambda: d["groups"][first].update(channels=16.0),
         "stats_number": lambda: d.update(stats=5),
         "input_size_text": lambda: d.update(input_size="abc"),
     }
@@ -638,6 +654,11 @@ def _corrupt(d: dict, how: str) -> object:
         "keep_negative",
         "keep_empty",
         "keep_text",
+        "keep_digit_text",
+        "keep_float",
+        "keep_whole_float",
+        "keep_bool",
+        "channels_float",
         "stats_number",
         "input_size_text",
         "top_level_list",
@@ -695,6 +716,19 @@ def test_scores_wrong_size():
         plan(_TINY, {"0": torch.ones(9)}, 0.3, graph=_TINY_GRAPH, input_size=(1, 3, 4, 4))
 
 
+@pytest.mark.parametrize(
+    "scores,match",
+    [
+        (torch.ones(2, 10), r"shape \(10,\); got shape \(2, 10\)"),
+        (torch.tensor([float("nan")] + [1.0] * 9), "NaN or Inf"),
+        (torch.tensor([float("inf")] + [1.0] * 9), "NaN or Inf"),
+    ],
+)
+def test_scores_must_be_finite_vectors(scores, match):
+    with pytest.raises(ChipError, match=match):
+        plan(_TINY, {"0": scores}, 0.3, graph=_TINY_GRAPH, input_size=(1, 3, 4, 4))
+
+
 def test_missing_scores_for_pruned_group():
     with pytest.raises(ChipError, match="no scores"):
         plan(_TINY, {}, 0.3, graph=_TINY_GRAPH, input_size=(1, 3, 4, 4))
@@ -714,6 +748,8 @@ def test_layer_mapping_by_producer_name():
     model, graph, size = model_and_graph("resnet20")
     p = plan(model, None, {"layer1.1.conv2": 0.25}, graph=graph)
     assert {n: g.kept for n, g in p.groups.items() if g.kept < g.channels} == {"conv1": 12}
+    same = plan(model, None, {"conv1": 0.25, "layer1.1.conv2": 0.25}, graph=graph)
+    assert same.widths() == p.widths()  # two names of one group with one rate: fine
 
 
 @pytest.mark.parametrize(
@@ -723,6 +759,11 @@ def test_layer_mapping_by_producer_name():
         ({"fc": 0.5}, "not a prunable layer"),
         ({"layer1.0.conv1": 1.5}, "outside"),
         ({"layer1.0.conv1": "flops=0.5"}, "must be a number"),
+        (
+            {"conv1": 0.5, "layer1.1.conv2": 0.25},
+            r"'conv1' and 'layer1.1.conv2' share one channel group \('conv1'\) but are given "
+            r"different rates \(0.5 and 0.25\)",
+        ),
     ],
 )
 def test_layer_mapping_rejects(mapping, match):

@@ -274,3 +274,18 @@ def test_other_torchvision_architecture_rejected():
     p = plan(model, None, 0.3, input_size=(1, 3, 32, 32))
     with pytest.raises(ChipError, match="another architecture"):
         apply(_tv("resnet34"), p)
+
+
+def test_an_edited_plan_gets_the_counts_of_what_it_prunes():
+    model = M.create("resnet20")
+    p = plan(model, None, 0.5)
+    edited = plan(model, None, 0.5)
+    edited.groups["conv1"].keep = edited.groups["conv1"].keep[:2]  # by hand, stats now stale
+    pruned = apply(model, edited)
+    counts = count(pruned, p.input_size)
+    stats = pruned.chip_plan.stats
+    assert (stats["params"], stats["macs"]) == (counts.params, counts.macs)
+    assert stats["params"] < p.stats["params"] and stats["macs"] < p.stats["macs"]
+    assert stats["macs_kept"] == counts.macs / stats["base_macs"]
+    assert stats["base_macs"] == p.stats["base_macs"]
+    assert apply(model, p).chip_plan is p  # a plan as made keeps its own stats

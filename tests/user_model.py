@@ -34,3 +34,8 @@ class UserNet(nn.Module):
 
 def build(width: int = 8, num_classes: int = 10) -> nn.Module:
     return UserNet(width, num_classes)
+
+
+def build_fixed() -> nn.Module:
+    """A builder that takes no arguments: the data's class count is not passed to it."""
+    return UserNet(8, 10)

@@ -153,6 +153,8 @@ def _header(model: nn.Module, extra, builder, builder_kwargs) -> dict[str, Any]:
         "kwargs": kwargs,
         "builder": builder,
         "plan": plan.to_dict() if plan is not None else None,
+        # a model pruned more than once: the plans applied before ``plan``, in order
+        "earlier_plans": [p.to_dict() for p in getattr(model, "chip_earlier_plans", [])],
         "chip_version": __version__,
         "torch_version": str(torch.__version__),
         "extra": dict(extra) if extra is not None else {},
@@ -348,12 +350,16 @@ def load(path, *, map_location="cpu", trust_code: bool = False) -> nn.Module:
     plan = _plan(header)
     model = _build(path, header, trust_code)
     if plan is not None:
+        from .planning import PruningPlan
         from .prune import apply
 
-        try:
-            apply(model, plan, inplace=True, verify=False)  # checked when it was made
-        except ChipError as exc:
-            raise ChipError(f"{path}: cannot re-apply the stored plan: {exc}") from None
+        plans = [*map(PruningPlan.from_dict, header.get("earlier_plans") or []), plan]
+        for i, step in enumerate(plans):
+            try:
+                apply(model, step, inplace=True, verify=False)  # checked when it was made
+            except ChipError as exc:
+                which = f" ({i + 1} of {len(plans)})" if len(plans) > 1 else ""
+                raise ChipError(f"{path}: cannot re-apply the stored plan{which}: {exc}") from None
     try:
         tensors = load_file(str(path), device="cpu")
     except SafetensorError as exc:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import __version__
 from .errors import ChipError
 from .groups import GroupGraph, Member, find_groups
-from .utils import atomic_write, eval_mode, resolve_device, seed_everything
+from .utils import atomic_write, eval_mode, require_data, resolve_device, seed_everything
 
 __all__ = [
     "ChannelScores",
@@ -409,6 +409,7 @@ def calibrate(
     """
     if num_batches < 1:
         raise ChipError(f"num_batches must be >= 1, got {num_batches}")
+    require_data(model)
     if isinstance(criterion, str):
         from .criteria import get_criterion
 

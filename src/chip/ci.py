@@ -53,7 +53,7 @@ _REFINE_BELOW = 1e-6
 # Working-set budget (bytes of float64 temporaries) used to pick a default chunk size.
 _CHUNK_BYTES = 128 * 2**20
 
-_SHAPES_HELP = "(N, C, H, W), (N, C, L) or (N, C)"
+_SHAPES_HELP = "(N, C, *spatial) such as (N, C, H, W) or (N, C, D, H, W), or (N, C)"
 
 
 def _as_matrices(fmaps: torch.Tensor, name: str = "fmaps") -> torch.Tensor:
@@ -62,7 +62,7 @@ def _as_matrices(fmaps: torch.Tensor, name: str = "fmaps") -> torch.Tensor:
         raise ChipError(
             f"{name} must be a torch.Tensor of shape {_SHAPES_HELP}, got {type(fmaps).__name__}"
         )
-    if fmaps.ndim not in (2, 3, 4):
+    if fmaps.ndim < 2:
         raise ChipError(
             f"{name} must have shape {_SHAPES_HELP}, got {fmaps.ndim}-D shape {tuple(fmaps.shape)}"
         )
@@ -185,8 +185,10 @@ def channel_independence(fmaps: torch.Tensor, *, chunk_size: int | None = None) 
     """Per-sample channel independence ``CI_i = ||A||_* - ||A_{-i}||_*``.
 
     Args:
-        fmaps: feature maps of shape (N, C, H, W), (N, C, L) or (N, C) (a linear layer's input,
-            i.e. ``HW = 1``), any real dtype, on any device with float64 support.
+        fmaps: feature maps of shape (N, C, H, W), (N, C, L), (N, C, D, H, W) or any
+            (N, C, *spatial) (each channel's map is flattened: the row ``A[n, i]`` has all its
+            spatial positions), or (N, C) (a linear layer's input, i.e. ``HW = 1``); any real
+            dtype, on any device with float64 support.
         chunk_size: samples processed at once (bounds memory); ``None`` picks one from the shape.
 
     Returns:

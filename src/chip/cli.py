@@ -227,26 +227,27 @@ def _build_model(
     args: argparse.Namespace, num_classes: int | None = None, in_channels: int | None = None
 ) -> nn.Module:
     """The model the flags name (see :func:`add_model_args`); ``num_classes`` / ``in_channels``
-    come from the data when there is some (``--num-classes`` wins)."""
+    come from the data when there is some (``--num-classes`` wins) and the builder takes them
+    (a user's builder without such a parameter builds its own; the data is checked against it
+    afterwards)."""
     if getattr(args, "arch", None) is None:
         return _pickled_model(args)
     from chip.models import create
+    from chip.models.sources import build_kwargs
 
-    kwargs = dict(getattr(args, "model_kwargs", None) or {})
-    # precedence: --num-classes, then --model-kwargs num_classes=..., then the data's
-    for flag, key, from_data in (
-        ("num_classes", "num_classes", num_classes),
-        ("in_channels", "in_channels", in_channels),
-    ):
-        given = getattr(args, flag, None)
-        if given is not None:
-            kwargs[key] = given
-        elif key not in kwargs and from_data is not None:
-            kwargs[key] = from_data
+    trust = getattr(args, "trust_code", False)
+    kwargs = build_kwargs(
+        args.arch,
+        getattr(args, "model_kwargs", None),
+        num_classes=getattr(args, "num_classes", None),
+        in_channels=getattr(args, "in_channels", None),
+        data=(num_classes, in_channels),
+        trust_code=trust,
+    )
     return create(
         args.arch,
         checkpoint=getattr(args, "checkpoint", None),
-        trust_code=getattr(args, "trust_code", False),
+        trust_code=trust,
         **kwargs,
     )
 

@@ -74,6 +74,11 @@ def _hrank(fmaps: torch.Tensor) -> torch.Tensor:
 
     if fmaps.dim() < 4:  # a linear layer's input: each channel is a 1 x r map
         fmaps = fmaps.reshape(fmaps.shape[0], fmaps.shape[1], 1, -1)
+    if fmaps.dim() > 4:  # HRank defines no rank for a D x H x W map: refuse, don't guess
+        raise ChipError(
+            f"criterion 'hrank' ranks 2-D (H x W) feature maps, but a layer gives "
+            f"{fmaps.dim() - 2}-D maps (shape {tuple(fmaps.shape)}); use criterion 'chip' or 'l1'"
+        )
     return channel_rank(fmaps)
 
 

@@ -53,7 +53,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.ops import OPTYPE
 
 from .errors import ChipError
-from .utils import device_dtype, eval_mode, first_line
+from .utils import device_dtype, eval_mode, first_line, require_data
 
 __all__ = [
     "ChannelGroup",
@@ -265,6 +265,12 @@ class ChannelGroup:
                 f"group {self.name!r}: width {k} is not a multiple of its step "
                 f"{self.step} in [1, {self.channels}]"
             )
+        if scores is not None and (scores.dim() != 1 or not bool(torch.isfinite(scores).all())):
+            raise ChipError(
+                f"scores of group {self.name!r} must be finite, of shape ({self.channels},); got "
+                f"shape {tuple(scores.shape)}"
+                + ("" if bool(torch.isfinite(scores).all()) else " with NaN or Inf values")
+            )
         if scores is not None and scores.numel() != self.channels:
             raise ChipError(
                 f"scores have {scores.numel()} channels but group {self.name!r} has "
@@ -321,8 +327,12 @@ class GroupGraph:
         groups: list[ChannelGroup],
         skipped: dict[str, str] | None = None,
         all_groups: list[ChannelGroup] = (),
+        untraced: Sequence[str] = (),
     ):
         self.model = model
+        # conv/linear layers that ran but that the trace did not reach (an argmax, detach or
+        # no_grad between them and the output): chip leaves them as they are
+        self.untraced = tuple(untraced)
         self.dg = dg
         self.counter = None  # a chip.counting.WidthCounter, when one was built while checking
         self.groups = groups
@@ -372,6 +382,7 @@ class GroupGraph:
             [g for g in self.groups if g.name not in bad],
             {**self.skipped, **bad},
             self.all_groups,
+            self.untraced,
         )
 
     def pruning_group(self, name: str, removed: Sequence[int], *, frozen: bool = False):
@@ -546,7 +557,11 @@ def find_groups(
     (:func:`chip.prune.check_groups`); groups that fail move to :attr:`GroupGraph.skipped`. The
     returned graph then has no Torch-Pruning graph (``dg is None``): it names groups and layers,
     which is all planning and scoring need.
+
+    Raises:
+        ChipError: the model's weights have no data (the meta device).
     """
+    require_data(model)
     if not check:
         return _trace_groups(model, example_inputs)
     from .prune import check_groups, probe_copy
@@ -560,7 +575,9 @@ def find_groups(
     bad = check_groups(model, graph, example_inputs, seed=seed)
     graph.release()
     checked = graph.without(bad)
-    result = GroupGraph(model, None, checked.groups, checked.skipped, checked.all_groups)
+    result = GroupGraph(
+        model, None, checked.groups, checked.skipped, checked.all_groups, graph.untraced
+    )
     result.counter = graph.counter  # exact counts do not depend on the weights: plan reuses it
     return result
 
@@ -582,7 +599,13 @@ def _trace_groups(model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
     found.sort(key=lambda f: order.get(f[0].name, len(order)))
     prunable = [g for g, reason in found if reason is None]
     skipped = {g.name: reason for g, reason in found if reason is not None}
-    return GroupGraph(model, dg, prunable, skipped, [g for g, _ in found])
+    roots = (_CONV, _LINEAR) + tuple(CUSTOM_PRUNERS)
+    untraced = [
+        n
+        for m, n in names.items()
+        if isinstance(m, roots) and n in shapes and m not in dg.module2node
+    ]
+    return GroupGraph(model, dg, prunable, skipped, [g for g, _ in found], untraced)
 
 
 def retrace(graph: GroupGraph, model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
@@ -591,7 +614,7 @@ def retrace(graph: GroupGraph, model: nn.Module, example_inputs: torch.Tensor) -
     names = {m: n for n, m in model.named_modules()}
     with eval_mode(model), torch.enable_grad():
         dg, _ = _build_graph(model, example_inputs, names)
-    return GroupGraph(model, dg, graph.groups, graph.skipped, graph.all_groups)
+    return GroupGraph(model, dg, graph.groups, graph.skipped, graph.all_groups, graph.untraced)
 
 
 def _build_graph(model: nn.Module, example_inputs: torch.Tensor, names):

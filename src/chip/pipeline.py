@@ -111,17 +111,19 @@ class RunContext:
         """The configured model (``arch`` is any model source); its random initialisation is
         seeded with ``seed``."""
         from chip.models import create
+        from chip.models.sources import build_kwargs
         from chip.utils import seed_everything
 
         seed_everything(self.cfg["seed"])
-        num_classes = self.cfg["num_classes"] or self.info.num_classes
-        return create(
+        kwargs = build_kwargs(
             self.cfg["arch"],
-            num_classes=num_classes,
-            in_channels=self.info.in_channels,
-            checkpoint=checkpoint,
+            self.cfg["model_kwargs"],
+            num_classes=self.cfg["num_classes"],
+            data=(self.info.num_classes, self.info.in_channels),
             trust_code=self.cfg["trust_code"],
-            **self.cfg["model_kwargs"],
+        )
+        return create(
+            self.cfg["arch"], checkpoint=checkpoint, trust_code=self.cfg["trust_code"], **kwargs
         )
 
     def baseline_model(self) -> nn.Module:

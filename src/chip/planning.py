@@ -208,10 +208,7 @@ class PruningPlan:
                 "not a chip pruning plan (expected JSON with format 'chip.PruningPlan/1')"
             )
         try:
-            groups = {
-                k: GroupPlan(int(v["channels"]), [int(i) for i in v["keep"]])
-                for k, v in d["groups"].items()
-            }
+            groups = {k: GroupPlan(v["channels"], list(v["keep"])) for k, v in d["groups"].items()}
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ChipError(
                 f"malformed plan groups ({exc}); expected {{name: {{channels, keep}}}}"
@@ -245,7 +242,18 @@ class PruningPlan:
         return plan_
 
     def validate(self) -> None:
+        """ChipError naming the first group whose ``channels`` is not a positive int or whose
+        ``keep`` is not a non-empty ascending list of unique int indices in [0, channels)."""
         for name, g in self.groups.items():
+            if not _is_int(g.channels) or g.channels < 1:
+                raise ChipError(
+                    f"group {name!r}: channels must be a positive integer, got {g.channels!r}"
+                )
+            if not isinstance(g.keep, list) or not all(_is_int(i) for i in g.keep):
+                raise ChipError(
+                    f"group {name!r}: keep must be a list of integer channel indices, got "
+                    f"{g.keep!r}"[:200]
+                )
             if (
                 not g.keep
                 or len(set(g.keep)) != len(g.keep)
@@ -287,16 +295,17 @@ def _choose(scores: torch.Tensor | None, k: int, channels: int) -> list[int]:
     return ChannelGroup("", channels, (), (), ()).choose(scores, k)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _layer_rates(mapping: Mapping[str, float], graph: GroupGraph) -> dict[str, float]:
-    out = {}
+    """``{group name: rate}`` from a ``{group or producer name: rate}`` mapping; ChipError for a
+    layer that is not prunable, a rate out of range, or two names of one group with two rates."""
+    out: dict[str, float] = {}
+    named_by: dict[str, str] = {}
     for key, rate in mapping.items():
         name = key if key in graph.by_name or key in graph.skipped else graph.group_of(key, "out")
-        kind, value = parse_target(rate)
-        if name in graph.skipped and kind == "uniform" and value > 0:
-            raise ChipError(
-                f"layer {key!r} cannot be pruned: {graph.skipped[name]}; expected rate 0 "
-                "or no entry for it"
-            )
         if name is None:
             raise ChipError(
                 f"layer {key!r} is not a prunable layer; expected a group or producer name "
@@ -305,7 +314,17 @@ def _layer_rates(mapping: Mapping[str, float], graph: GroupGraph) -> dict[str, f
         kind, value = parse_target(rate)
         if kind != "uniform":
             raise ChipError(f"rate for {key!r} must be a number in [0, 1), got {rate!r}")
-        out[name] = value
+        if name in graph.skipped and value > 0:
+            raise ChipError(
+                f"layer {key!r} cannot be pruned: {graph.skipped[name]}; expected rate 0 "
+                "or no entry for it"
+            )
+        if name in out and out[name] != value:
+            raise ChipError(
+                f"layers {named_by[name]!r} and {key!r} share one channel group ({name!r}) but "
+                f"are given different rates ({out[name]} and {value}); give the group one rate"
+            )
+        out[name], named_by[name] = value, key
     return out
 
 
@@ -377,8 +396,8 @@ def plan(
     """
     arch = getattr(model, "chip_arch", None)
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
-    if round_to < 1:
-        raise ChipError(f"round_to must be a positive integer, got {round_to}")
+    if not _is_int(round_to) or round_to < 1:
+        raise ChipError(f"round_to must be a positive integer, got {round_to!r}")
     if graph is None:
         graph = find_groups(model, example_input(model, input_size, zeros=True))
     _warn_skipped(graph)
@@ -387,16 +406,16 @@ def plan(
         counter = WidthCounter(model, graph, input_size)
     kind, value = parse_target(target)
     solved_rate = None
-    if kind == "sparsity":
-        rates = _sparsity_rates(arch, value, graph)
-        widths = {g.name: kept_width(g, rates.get(g.name, 0.0), round_to) for g in graph}
-    elif kind == "uniform":
-        widths = {g.name: kept_width(g, value, round_to) for g in graph}
-    elif kind == "layers":
-        rates = _layer_rates(value, graph)
-        widths = {g.name: kept_width(g, rates.get(g.name, 0.0), round_to) for g in graph}
-    else:
+    if kind == "budget":
         solved_rate, widths = _solve_budget(*value, graph, counter, round_to)
+    else:
+        rates = {
+            "sparsity": lambda: _sparsity_rates(arch, value, graph),
+            "uniform": lambda: {g.name: value for g in graph},
+            "layers": lambda: _layer_rates(value, graph),
+        }[kind]()
+        widths = {g.name: kept_width(g, rates.get(g.name, 0.0), round_to) for g in graph}
+        _warn_rounded_away(graph, rates, widths, round_to)
 
     group_scores = getattr(scores, "groups", scores)
     groups = {}
@@ -434,7 +453,36 @@ def plan(
     )
 
 
+def _warn_rounded_away(graph: GroupGraph, rates, widths, round_to: int) -> None:
+    """Warn when rounding to ``round_to`` keeps whole every group the rates would prune."""
+    wanted = [g for g in graph if kept_width(g, rates.get(g.name, 0.0), 1) < g.channels]
+    if wanted and all(widths[g.name] == g.channels for g in wanted):
+        widest = max(g.channels for g in wanted)
+        warnings.warn(
+            f"round_to={round_to} keeps every group whole, so the target prunes nothing (the "
+            f"widest group it would prune has {widest} channels); use a smaller round_to",
+            ChipWarning,
+            stacklevel=3,
+        )
+
+
 def _warn_skipped(graph: GroupGraph) -> None:
+    if graph.untraced:
+        layers = ", ".join(graph.untraced[:6]) + (" ..." if len(graph.untraced) > 6 else "")
+        why = (
+            "not on the autograd path from the input to the output (an argmax, .detach(), "
+            "torch.no_grad() or an integer output cuts it)"
+        )
+        if not graph.all_groups:
+            raise ChipError(
+                f"chip found no channel groups: layers {layers} run but are {why}; prune a "
+                "model whose forward returns differentiable outputs (the logits, not their argmax)"
+            )
+        warnings.warn(
+            f"chip leaves layers {layers} as they are: they run but are {why}",
+            ChipWarning,
+            stacklevel=3,
+        )
     if graph.skipped:
         listed = "; ".join(f"{name}: {why}" for name, why in list(graph.skipped.items())[:5])
         more = f" (and {len(graph.skipped) - 5} more)" if len(graph.skipped) > 5 else ""

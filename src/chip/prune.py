@@ -17,7 +17,8 @@ model; :func:`apply` checks every result against it in float64 before returning
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping, Sequence
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -83,12 +84,31 @@ def apply(
         raise ChipError(f"pruning failed: {failure}")
     try:
         if verify:
-            _verify(pristine, model, plan, removed, graph, failure)
+            stats = _verify(pristine, model, plan, removed, graph, failure)
+            if stats != {k: plan.stats.get(k) for k in stats}:  # an edited or hand-made plan
+                plan = dataclasses.replace(plan, stats={**plan.stats, **stats})
+    except ChipError:
+        if inplace:
+            _restore(model, pristine)
+        raise
     finally:
         if graph.model is model and graph is not given:
             graph.release()
+    earlier = getattr(model, "chip_plan", None)
+    if earlier is not None:  # pruned before: chip.save records every plan, in order
+        model.chip_earlier_plans = [*getattr(model, "chip_earlier_plans", []), earlier]
     model.chip_plan = plan
     return model
+
+
+def _restore(model: nn.Module, pristine: nn.Module) -> None:
+    """Undo a failed in-place surgery: every module of ``model`` takes back the state of its
+    twin in ``pristine`` (a deep copy made before; surgery adds or removes no modules), and
+    keeps its own children, so references into ``model`` stay valid."""
+    twins = dict(pristine.named_modules(remove_duplicate=False))
+    for name, module in model.named_modules(remove_duplicate=False):
+        state = {k: v for k, v in twins[name].__dict__.items() if k != "_modules"}
+        module.__dict__.update(state)
 
 
 def _check_plan(model: nn.Module, plan: PruningPlan, graph: GroupGraph) -> None:
@@ -135,33 +155,35 @@ def masked_forward_hooks(model: nn.Module, removed, graph: GroupGraph) -> list:
     channel LayerNorm members get a forward hook recomputing them over the kept channels.
     Returns the hook handles (call ``.remove()`` on each to undo).
     """
+    modules = dict(model.named_modules())
+    zero: dict[tuple[str, int], torch.Tensor] = {}
+    norms: dict[tuple[str, int], torch.Tensor] = {}
+    for (name, axis, kind), positions in _removed_positions(removed, graph).items():
+        if kind == "in":
+            zero[name, axis] = positions
+        elif isinstance(modules.get(name), (nn.GroupNorm, nn.LayerNorm)):
+            norms[name, axis] = positions
+    handles = []
+    for (name, axis), positions in zero.items():
+        handles.append(modules[name].register_forward_pre_hook(_zero_input_hook(axis, positions)))
+    for (name, axis), positions in norms.items():
+        handles.append(modules[name].register_forward_hook(_masked_norm_hook(axis, positions)))
+    return handles
+
+
+def _removed_positions(removed, graph: GroupGraph) -> dict[tuple[str, int, str], torch.Tensor]:
+    """``{(member name, axis, kind): sorted unique positions}`` the removal takes away, from
+    each member's index table; ``removed`` as in :func:`masked_forward_hooks`."""
     if isinstance(removed, PruningPlan):
         removed = {n: removed.removed(n) for n in removed.groups}
-    zero: dict[tuple[str, int], list[torch.Tensor]] = {}
-    norms: dict[tuple[str, int], list[torch.Tensor]] = {}
-    modules = dict(model.named_modules())
+    parts: dict[tuple[str, int, str], list[torch.Tensor]] = {}
     for name, idxs in removed.items():
         if not len(idxs):
             continue
         rows = torch.as_tensor(list(idxs), dtype=torch.long)
         for m in graph[name].members:
-            positions = m.index[rows].flatten()
-            if m.kind == "in":
-                zero.setdefault((m.name, m.axis), []).append(positions)
-            elif isinstance(modules.get(m.name), (nn.GroupNorm, nn.LayerNorm)):
-                norms.setdefault((m.name, m.axis), []).append(positions)
-    handles = []
-    for (name, axis), parts in zero.items():
-        handles.append(
-            modules[name].register_forward_pre_hook(
-                _zero_input_hook(axis, torch.cat(parts).unique())
-            )
-        )
-    for (name, axis), parts in norms.items():
-        handles.append(
-            modules[name].register_forward_hook(_masked_norm_hook(axis, torch.cat(parts).unique()))
-        )
-    return handles
+            parts.setdefault((m.name, m.axis, m.kind), []).append(m.index[rows].flatten())
+    return {key: torch.cat(p).unique() for key, p in parts.items()}
 
 
 def _zero_input_hook(axis: int, positions: torch.Tensor):
@@ -203,6 +225,95 @@ def _normalise(x: torch.Tensor, module: nn.Module, idx: torch.Tensor, dims) -> t
     if bias is not None:
         y = y + bias[idx]
     return y
+
+
+class _LayerPrints:
+    """Random projections of what every module outputs (its kept channels), call by call.
+
+    A pruned model can match the masked original at its output and still compute something
+    else inside: a binarised, thresholded or argmax output hides a wrong channel mapping. So
+    the comparison also covers every module's output. In the masked original, a module that
+    writes a group's channels (a ``kind="out"`` member) is compared on its kept positions only
+    (``cut``); every other output must match as it is whenever the pruned model's has the same
+    shape (an output that lost channels without being a member cannot be lined up, and is
+    skipped). Each output is reduced to two random projections (:meth:`_project`), so memory
+    stays small whatever the model and the cost is about one pass over each output.
+    """
+
+    BLOCK = 4096  # outputs are cut into blocks of this many values for the projections
+
+    def __init__(self, model: nn.Module, cut: Mapping[str, list[tuple[int, torch.Tensor]]]):
+        self.prints: dict[str, list[tuple[torch.Size, torch.Tensor, float]]] = {}
+        gen = torch.Generator().manual_seed(0)
+        vectors = torch.randn(self.BLOCK, 2, generator=gen, dtype=torch.float64)
+        self.vectors = vectors / vectors.norm(dim=0)
+        self.handles = [
+            module.register_forward_hook(self._hook(name, cut.get(name, ())))
+            for name, module in model.named_modules()
+        ]
+
+    def _hook(self, name: str, cuts):
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                return
+            t = output.detach()
+            for axis, positions in cuts:
+                keep = torch.ones(t.shape[axis], dtype=torch.bool, device=t.device)
+                keep[positions.to(t.device)] = False
+                t = t.index_select(axis, torch.nonzero(keep).flatten())
+            self.prints.setdefault(name, []).append((t.shape, *self._project(t)))
+
+        return hook
+
+    def _project(self, t: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Two projections of ``t`` (flattened, cut into BLOCK-long rows, each row projected
+        on the same two random unit vectors, rows weighted by distinct weights in [1, 2]) and its
+        norm. Same values give the same projections; different ones almost surely do not."""
+        flat = t.reshape(-1).double()
+        norm = float(flat.norm())
+        flat = torch.nn.functional.pad(flat, (0, -flat.numel() % self.BLOCK))
+        rows = flat.view(-1, self.BLOCK) @ self.vectors.to(flat.device)
+        weights = torch.linspace(1, 2, len(rows), dtype=torch.float64, device=flat.device)
+        return (weights @ rows).cpu(), norm
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def mismatch(self, other: _LayerPrints) -> str | None:
+        """The first module whose output differs between ``self`` (the masked original) and
+        ``other`` (the pruned model), as a reason; None when every comparable output agrees."""
+        for name, calls in self.prints.items():
+            for (shape, proj, norm), theirs in zip(calls, other.prints.get(name, ())):
+                if theirs[0] != shape or not shape.numel():
+                    continue
+                error = float((proj - theirs[1]).abs().max()) / max(norm, 1e-300)
+                if not error <= VERIFY_RTOL:
+                    return (
+                        f"pruning it changes what {name or 'the model'!r} computes (max relative "
+                        f"error {error:.2g}) even where the model's output does not show it"
+                    )
+        return None
+
+
+def _output_cuts(removed, graph: GroupGraph) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    cuts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for (name, axis, kind), positions in _removed_positions(removed, graph).items():
+        if kind == "out":
+            cuts.setdefault(name, []).append((axis, positions))
+    return cuts
+
+
+def _masked_reference(model, removed, graph, x) -> tuple[list[torch.Tensor], _LayerPrints]:
+    """The masked original's outputs on ``x`` and its layer prints (``model`` in eval mode)."""
+    handles = masked_forward_hooks(model, removed, graph)
+    prints = _LayerPrints(model, _output_cuts(removed, graph))
+    try:
+        return flat_outputs(model(x)), prints
+    finally:
+        prints.remove()
+        for h in handles:
+            h.remove()
 
 
 # -- checking groups (refuse, don't guess) ------------------------------------------------------
@@ -338,21 +449,17 @@ def _trial(
 
 def _check_pruned(work, graph, removed, x, counter) -> str | None:
     with eval_mode(work), torch.no_grad():
-        handles = masked_forward_hooks(work, removed, graph)
         try:
-            reference = flat_outputs(work(x))
+            reference, prints = _masked_reference(work, removed, graph, x)
         except Exception as exc:  # noqa: BLE001
             return f"chip cannot mask its channels ({first_line(exc, with_type=True)})"
-        finally:
-            for h in handles:
-                h.remove()
         if not _informative(reference):
             return "chip cannot check it: the masked model's output is zero or not finite"
         try:
             graph.prune(removed)
         except Exception as exc:  # noqa: BLE001 - any failure is a reason to refuse the group
             return f"Torch-Pruning cannot prune it ({first_line(exc, with_type=True)})"
-    why = _mismatch(reference, work, x)
+    why = _mismatch(reference, prints, work, x)
     if why is not None:
         return why
     if counter is not None:
@@ -387,8 +494,9 @@ def _verify(
     removed: Mapping[str, list[int]],
     graph: GroupGraph,
     failure: str | None,
-) -> None:
+) -> dict[str, Any]:
     """The pruned model against the masked original, in float64; ChipError naming the group.
+    Returns the plan's counts as measured (:func:`_verify_counts`).
 
     Models already in float64 are compared as they are, others through float64 copies. When the
     original's output carries no information (all zero, as with a zero-initialised head, or not
@@ -401,26 +509,21 @@ def _verify(
     if why is None:
         reference = _float64(pristine)
         with eval_mode(reference), torch.no_grad():
-            handles = masked_forward_hooks(reference, removed, graph)
             try:
-                expected = flat_outputs(reference(x))
+                expected, prints = _masked_reference(reference, removed, graph, x)
             except Exception as exc:  # noqa: BLE001
                 raise ChipError(
                     f"cannot verify the pruned model: the original does not run in "
                     f"float64 ({first_line(exc, with_type=True)}); pass verify=False"
                 ) from None
-            finally:
-                for h in handles:
-                    h.remove()
         del reference
         if _informative(expected):
-            why = _mismatch(expected, _float64(pruned), x)
+            why = _mismatch(expected, prints, _float64(pruned), x)
         else:
             work = probe_copy(pristine)
             why = _trial(work, retrace(graph, work, x), removed, x, None)
     if why is None:
-        _verify_counts(pristine, pruned, plan, graph)
-        return
+        return _verify_counts(pristine, pruned, plan, graph)
 
     template = probe_copy(pristine)
 
@@ -454,35 +557,54 @@ def _informative(outputs: list[torch.Tensor]) -> bool:
     )
 
 
-def _mismatch(expected: list[torch.Tensor], candidate: nn.Module, x: torch.Tensor) -> str | None:
-    """Why ``candidate`` does not compute ``expected`` (None when it does)."""
+def _mismatch(
+    expected: list[torch.Tensor], prints: _LayerPrints, candidate: nn.Module, x: torch.Tensor
+) -> str | None:
+    """Why ``candidate`` does not compute ``expected`` and, inside, ``prints`` (None when it
+    does)."""
     with eval_mode(candidate), torch.no_grad():
+        theirs = _LayerPrints(candidate, {})
         try:
             output = flat_outputs(candidate(x))
         except Exception as exc:  # noqa: BLE001
             return f"the pruned model does not run ({first_line(exc, with_type=True)})"
+        finally:
+            theirs.remove()
     error = _relative_error(expected, output)
     if error is None:
         return "pruning it changes the shape of the model's output"
     if not error <= VERIFY_RTOL:  # also catches NaN
         return f"pruning it changes what the model computes (max relative error {error:.2g})"
-    return None
+    return prints.mismatch(theirs)
 
 
 def _verify_counts(
     pristine: nn.Module, pruned: nn.Module, plan: PruningPlan, graph: GroupGraph
-) -> None:
+) -> dict[str, Any]:
     """chip's analytic counts for the plan's widths (what :func:`chip.plan` reports) must equal
-    :func:`chip.count` of the pruned model."""
-    from .counting import count
+    :func:`chip.count` of the pruned model. Returns them as ``plan.stats`` entries (params,
+    MACs, their base values and kept fractions)."""
+    from .counting import CONVENTION, count
 
     measured = count(pruned, plan.input_size)
+    keys = ("base_params", "base_macs", "params", "macs")
     if (plan.stats.get("params"), plan.stats.get("macs")) == (measured.params, measured.macs):
-        return  # what chip.plan reported
-    predicted = WidthCounter(pristine, graph, plan.input_size)(plan.widths())  # an edited plan?
+        if all(isinstance(plan.stats.get(k), int) for k in keys):
+            return {k: plan.stats[k] for k in keys}  # what chip.plan reported
+    counter = WidthCounter(pristine, graph, plan.input_size)
+    predicted = counter(plan.widths())  # an edited or hand-made plan
     if predicted != (measured.params, measured.macs):
         raise ChipError(
             f"the pruned model has {measured.params} params and {measured.macs} MACs "
             f"but chip predicted {predicted[0]} and {predicted[1]}; this is a chip bug: "
             "please report it"
         )
+    return {
+        "base_params": counter.base_params,
+        "base_macs": counter.base_macs,
+        "params": measured.params,
+        "macs": measured.macs,
+        "params_kept": measured.params / counter.base_params,
+        "macs_kept": measured.macs / counter.base_macs,
+        "macs_convention": CONVENTION,
+    }

@@ -140,6 +140,19 @@ def flat_outputs(out) -> list[torch.Tensor]:
     return []
 
 
+def require_data(model) -> None:
+    """ChipError if a parameter or buffer of ``model`` has no data (the meta device)."""
+    named = (*model.named_parameters(), *model.named_buffers())
+    meta = next((name for name, t in named if t.is_meta), None)
+    if meta is not None:
+        from .errors import ChipError
+
+        raise ChipError(
+            f"the model's weights are on the meta device (no data, e.g. {meta!r}); materialise "
+            "them first: model.to_empty(device='cpu'), then load a state dict or reset parameters"
+        )
+
+
 def device_dtype(model) -> tuple[torch.device, torch.dtype]:
     """Where ``model`` lives and its floating dtype: the device of its first parameter or buffer
     (CPU if none) and the first floating dtype among them (float32 if none)."""

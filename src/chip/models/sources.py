@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from chip.errors import ChipError
 
-__all__ = ["PREFIXES", "ModelSource", "resolve_source"]
+__all__ = ["PREFIXES", "ModelSource", "build_kwargs", "resolve_source"]
 
 PREFIXES = {
     "torchvision": "torchvision:NAME (a torchvision classification or segmentation builder)",
@@ -64,6 +64,26 @@ class ModelSource:
         """Whether building it imports code named by the user (needs ``trust_code=True``)."""
         return self.kind == "code"
 
+    def data_sizes(
+        self, num_classes: int | None, in_channels: int | None, trust_code: bool = False
+    ) -> tuple[int | None, int | None]:
+        """The data's class and channel counts to pass to the builder: both for zoo,
+        torchvision and timm sources; for user code only those its builder's signature takes
+        (reading it imports the code: needs ``trust_code``); None for the others."""
+        if self.kind != "code":
+            return num_classes, in_channels
+        fn, _ = _code(self, trust_code)
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # no signature to read: let the call decide
+            return num_classes, in_channels
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return num_classes, in_channels
+        return (
+            num_classes if "num_classes" in params else None,
+            in_channels if "in_channels" in params else None,
+        )
+
     def build(self, kwargs: Mapping[str, Any], trust_code: bool = False) -> nn.Module:
         """The unpruned model (with ``chip_arch`` / ``chip_kwargs`` / ``chip_input_size``)."""
         builder, defaults = _BUILDERS[self.kind](self, trust_code)
@@ -85,6 +105,33 @@ class ModelSource:
         if size is not None:
             model.chip_input_size = size
         return model
+
+
+def build_kwargs(
+    source: str,
+    model_kwargs: Mapping[str, Any] | None = None,
+    *,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    data: tuple[int | None, int | None] = (None, None),
+    trust_code: bool = False,
+) -> dict[str, Any]:
+    """The keyword arguments to build ``source`` with (for :func:`chip.models.create`).
+
+    For ``num_classes`` and ``in_channels`` the explicit value wins, then ``model_kwargs``, then
+    ``data`` (the dataset's class and channel counts, passed only where the builder takes them:
+    :meth:`ModelSource.data_sizes`). The command line and ``chip run`` both build through this.
+    """
+    kwargs = dict(model_kwargs or {})
+    from_data = resolve_source(source).data_sizes(*data, trust_code)
+    for key, given, found in zip(
+        ("num_classes", "in_channels"), (num_classes, in_channels), from_data
+    ):
+        if given is not None:
+            kwargs[key] = given
+        elif key not in kwargs and found is not None:
+            kwargs[key] = found
+    return kwargs
 
 
 def resolve_source(text: str) -> ModelSource:
