@@ -271,8 +271,11 @@ class _LayerPrints:
         norm. Same values give the same projections; different ones almost surely do not."""
         flat = t.reshape(-1).double()
         norm = float(flat.norm())
-        flat = torch.nn.functional.pad(flat, (0, -flat.numel() % self.BLOCK))
-        rows = flat.view(-1, self.BLOCK) @ self.vectors.to(flat.device)
+        whole = flat.numel() // self.BLOCK * self.BLOCK
+        vectors = self.vectors.to(flat.device)
+        rows = flat[:whole].view(-1, self.BLOCK) @ vectors
+        tail = flat[whole:] @ vectors[: flat.numel() - whole]  # the last, shorter row
+        rows = torch.cat([rows, tail[None]])
         weights = torch.linspace(1, 2, len(rows), dtype=torch.float64, device=flat.device)
         return (weights @ rows).cpu(), norm
 
@@ -291,9 +294,19 @@ class _LayerPrints:
                 if not error <= VERIFY_RTOL:
                     return (
                         f"pruning it changes what {name or 'the model'!r} computes (max relative "
-                        f"error {error:.2g}) even where the model's output does not show it"
+                        f"error {error:.2g}) {_INSIDE}"
                     )
         return None
+
+
+_INSIDE = "even where the model's output does not show it"  # marks a reason found by prints
+# reasons that are crashes: every set holding the culprit crashes again, prints or not
+_CRASHES = (
+    "the pruned model does not run",
+    "Torch-Pruning cannot prune it",
+    "pruning it changes the shape",
+    "chip cannot mask its channels",
+)
 
 
 def _output_cuts(removed, graph: GroupGraph) -> dict[str, list[tuple[int, torch.Tensor]]]:
@@ -304,14 +317,18 @@ def _output_cuts(removed, graph: GroupGraph) -> dict[str, list[tuple[int, torch.
     return cuts
 
 
-def _masked_reference(model, removed, graph, x) -> tuple[list[torch.Tensor], _LayerPrints]:
-    """The masked original's outputs on ``x`` and its layer prints (``model`` in eval mode)."""
+def _masked_reference(
+    model, removed, graph, x, inside: bool = True
+) -> tuple[list[torch.Tensor], _LayerPrints | None]:
+    """The masked original's outputs on ``x`` and, if ``inside``, its layer prints (``model``
+    in eval mode)."""
     handles = masked_forward_hooks(model, removed, graph)
-    prints = _LayerPrints(model, _output_cuts(removed, graph))
+    prints = _LayerPrints(model, _output_cuts(removed, graph)) if inside else None
     try:
         return flat_outputs(model(x)), prints
     finally:
-        prints.remove()
+        if prints is not None:
+            prints.remove()
         for h in handles:
             h.remove()
 
@@ -371,9 +388,10 @@ def check_groups(
         return {}
     template = probe_copy(model, seed)  # random weights once; every bisection trial clones them
 
-    def trial(names: Sequence[str]) -> str | None:
+    def trial(names: Sequence[str], inside: bool) -> str | None:
         work = copy.deepcopy(template)
-        return _trial(work, retrace(graph, work, x), {n: removal[n] for n in names}, x, counter)
+        subset = {n: removal[n] for n in names}
+        return _trial(work, retrace(graph, work, x), subset, x, counter, inside)
 
     return _bisect([g.name for g in candidates], reason, trial, graph)
 
@@ -394,7 +412,9 @@ def _bisect(names: list[str], reason: str, trial: Callable, graph: GroupGraph) -
 
     ``search`` is only called on sets known to fail. When the first half passes, the failure is
     in the second half (tested only when it is split further); sets that fail only together are
-    refused as a whole. What is left is re-checked until it passes.
+    refused as a whole. What is left is re-checked until it passes. ``trial(names, inside)``
+    compares layer prints only when ``inside``: not while searching a crash (the cheaper
+    trial), always otherwise and in the re-check.
     """
     bad: dict[str, str] = {}
 
@@ -403,12 +423,13 @@ def _bisect(names: list[str], reason: str, trial: Callable, graph: GroupGraph) -
             bad[subset[0]] = _explain(graph[subset[0]], why)
             return
         first, second = subset[: len(subset) // 2], subset[len(subset) // 2 :]
-        first_why = trial(first)
+        inside = not why.startswith(_CRASHES)  # a crash is searched without layer prints
+        first_why = trial(first, inside)
         if first_why is not None:
             search(first, first_why)
-            second_why = trial(second)
+            second_why = trial(second, inside)
         else:
-            second_why = why if len(second) > 1 else trial(second)
+            second_why = why if len(second) > 1 else trial(second, inside)
         if second_why is not None:
             search(second, second_why)
         elif first_why is None:  # only fails together: refuse all of them
@@ -420,7 +441,7 @@ def _bisect(names: list[str], reason: str, trial: Callable, graph: GroupGraph) -
         rest = [n for n in names if n not in bad]
         if not rest:
             return bad
-        why = trial(rest)
+        why = trial(rest, True)
         if why is None:
             return bad
         search(rest, why)
@@ -438,19 +459,21 @@ def _trial(
     removed: Mapping[str, list[int]],
     x: torch.Tensor,
     counter: WidthCounter | None,
+    inside: bool = True,
 ) -> str | None:
-    """Prune ``work`` (a float64 copy) by ``removed``; None if it matches the masked original.
-    ``graph`` (the graph of ``work``) is released afterwards."""
+    """Prune ``work`` (a float64 copy) by ``removed``; None if it matches the masked original
+    (also inside, by :class:`_LayerPrints`, if ``inside``). ``graph`` (the graph of ``work``)
+    is released afterwards."""
     try:
-        return _check_pruned(work, graph, removed, x, counter)
+        return _check_pruned(work, graph, removed, x, counter, inside)
     finally:
         graph.release()
 
 
-def _check_pruned(work, graph, removed, x, counter) -> str | None:
+def _check_pruned(work, graph, removed, x, counter, inside=True) -> str | None:
     with eval_mode(work), torch.no_grad():
         try:
-            reference, prints = _masked_reference(work, removed, graph, x)
+            reference, prints = _masked_reference(work, removed, graph, x, inside)
         except Exception as exc:  # noqa: BLE001
             return f"chip cannot mask its channels ({first_line(exc, with_type=True)})"
         if not _informative(reference):
@@ -527,9 +550,10 @@ def _verify(
 
     template = probe_copy(pristine)
 
-    def trial(names):
+    def trial(names, inside):
         work = copy.deepcopy(template)
-        return _trial(work, retrace(graph, work, x), {n: removed[n] for n in names}, x, None)
+        subset = {n: removed[n] for n in names}
+        return _trial(work, retrace(graph, work, x), subset, x, None, inside)
 
     bad = _bisect(list(removed), why, trial, graph)
     name, reason = next(iter(bad.items()))
@@ -558,24 +582,28 @@ def _informative(outputs: list[torch.Tensor]) -> bool:
 
 
 def _mismatch(
-    expected: list[torch.Tensor], prints: _LayerPrints, candidate: nn.Module, x: torch.Tensor
+    expected: list[torch.Tensor],
+    prints: _LayerPrints | None,
+    candidate: nn.Module,
+    x: torch.Tensor,
 ) -> str | None:
-    """Why ``candidate`` does not compute ``expected`` and, inside, ``prints`` (None when it
-    does)."""
+    """Why ``candidate`` does not compute ``expected`` and, inside, ``prints`` (if given; None
+    when it does)."""
     with eval_mode(candidate), torch.no_grad():
-        theirs = _LayerPrints(candidate, {})
+        theirs = _LayerPrints(candidate, {}) if prints is not None else None
         try:
             output = flat_outputs(candidate(x))
         except Exception as exc:  # noqa: BLE001
             return f"the pruned model does not run ({first_line(exc, with_type=True)})"
         finally:
-            theirs.remove()
+            if theirs is not None:
+                theirs.remove()
     error = _relative_error(expected, output)
     if error is None:
         return "pruning it changes the shape of the model's output"
     if not error <= VERIFY_RTOL:  # also catches NaN
         return f"pruning it changes what the model computes (max relative error {error:.2g})"
-    return prints.mismatch(theirs)
+    return prints.mismatch(theirs) if prints is not None else None
 
 
 def _verify_counts(
