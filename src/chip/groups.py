@@ -265,11 +265,11 @@ class ChannelGroup:
                 f"group {self.name!r}: width {k} is not a multiple of its step "
                 f"{self.step} in [1, {self.channels}]"
             )
-        if scores is not None and (scores.dim() != 1 or not bool(torch.isfinite(scores).all())):
+        finite = scores is None or bool(torch.isfinite(scores).all())
+        if scores is not None and (scores.dim() != 1 or not finite):
             raise ChipError(
                 f"scores of group {self.name!r} must be finite, of shape ({self.channels},); got "
-                f"shape {tuple(scores.shape)}"
-                + ("" if bool(torch.isfinite(scores).all()) else " with NaN or Inf values")
+                f"shape {tuple(scores.shape)}" + ("" if finite else " with NaN or Inf values")
             )
         if scores is not None and scores.numel() != self.channels:
             raise ChipError(

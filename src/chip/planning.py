@@ -430,16 +430,7 @@ def plan(
                 )
         groups[g.name] = GroupPlan(g.channels, g.choose(s, widths[g.name]))
 
-    params, macs = counter(widths)
-    stats = {
-        "base_params": counter.base_params,
-        "base_macs": counter.base_macs,
-        "params": params,
-        "macs": macs,
-        "params_kept": params / counter.base_params,
-        "macs_kept": macs / counter.base_macs,
-        "macs_convention": CONVENTION,
-    }
+    stats = count_stats(counter, *counter(widths))
     if kind == "budget":
         stats.update(budget_kind=value[0], budget=value[1], uniform_rate=solved_rate)
     return PruningPlan(
@@ -451,6 +442,20 @@ def plan(
         stats=stats,
         skipped=dict(graph.skipped),
     )
+
+
+def count_stats(counter: WidthCounter, params: int, macs: int) -> dict[str, Any]:
+    """``plan.stats`` entries for a pruned model of ``params`` params and ``macs`` MACs: those
+    two, the unpruned model's (from ``counter``), the kept fractions and the MACs convention."""
+    return {
+        "base_params": counter.base_params,
+        "base_macs": counter.base_macs,
+        "params": params,
+        "macs": macs,
+        "params_kept": params / counter.base_params,
+        "macs_kept": macs / counter.base_macs,
+        "macs_convention": CONVENTION,
+    }
 
 
 def _warn_rounded_away(graph: GroupGraph, rates, widths, round_to: int) -> None:

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .errors import ChipError
 from .groups import ChannelGroup, GroupGraph, find_groups, retrace
-from .planning import PruningPlan, WidthCounter
+from .planning import PruningPlan, WidthCounter, count_stats
 from .utils import eval_mode, example_input, first_line, flat_outputs
 
 __all__ = ["apply", "check_groups", "masked_forward_hooks", "probe_copy"]
@@ -85,7 +85,7 @@ def apply(
     try:
         if verify:
             stats = _verify(pristine, model, plan, removed, graph, failure)
-            if stats != {k: plan.stats.get(k) for k in stats}:  # an edited or hand-made plan
+            if stats is not None:  # an edited or hand-made plan: carry what it really prunes
                 plan = dataclasses.replace(plan, stats={**plan.stats, **stats})
     except ChipError:
         if inplace:
@@ -294,12 +294,11 @@ class _LayerPrints:
                 if not error <= VERIFY_RTOL:
                     return (
                         f"pruning it changes what {name or 'the model'!r} computes (max relative "
-                        f"error {error:.2g}) {_INSIDE}"
+                        f"error {error:.2g}) even where the model's output does not show it"
                     )
         return None
 
 
-_INSIDE = "even where the model's output does not show it"  # marks a reason found by prints
 # reasons that are crashes: every set holding the culprit crashes again, prints or not
 _CRASHES = (
     "the pruned model does not run",
@@ -517,9 +516,9 @@ def _verify(
     removed: Mapping[str, list[int]],
     graph: GroupGraph,
     failure: str | None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The pruned model against the masked original, in float64; ChipError naming the group.
-    Returns the plan's counts as measured (:func:`_verify_counts`).
+    Returns :func:`_verify_counts`' stats for a plan whose own are wrong, else None.
 
     Models already in float64 are compared as they are, others through float64 copies. When the
     original's output carries no information (all zero, as with a zero-initialised head, or not
@@ -608,31 +607,23 @@ def _mismatch(
 
 def _verify_counts(
     pristine: nn.Module, pruned: nn.Module, plan: PruningPlan, graph: GroupGraph
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """chip's analytic counts for the plan's widths (what :func:`chip.plan` reports) must equal
-    :func:`chip.count` of the pruned model. Returns them as ``plan.stats`` entries (params,
-    MACs, their base values and kept fractions)."""
-    from .counting import CONVENTION, count
+    :func:`chip.count` of the pruned model. Returns None when ``plan.stats`` already says so,
+    else the stats it should carry (an edited or hand-made plan; :func:`count_stats`)."""
+    from .counting import count
 
     measured = count(pruned, plan.input_size)
     keys = ("base_params", "base_macs", "params", "macs")
     if (plan.stats.get("params"), plan.stats.get("macs")) == (measured.params, measured.macs):
         if all(isinstance(plan.stats.get(k), int) for k in keys):
-            return {k: plan.stats[k] for k in keys}  # what chip.plan reported
+            return None  # what chip.plan reported
     counter = WidthCounter(pristine, graph, plan.input_size)
-    predicted = counter(plan.widths())  # an edited or hand-made plan
+    predicted = counter(plan.widths())
     if predicted != (measured.params, measured.macs):
         raise ChipError(
             f"the pruned model has {measured.params} params and {measured.macs} MACs "
             f"but chip predicted {predicted[0]} and {predicted[1]}; this is a chip bug: "
             "please report it"
         )
-    return {
-        "base_params": counter.base_params,
-        "base_macs": counter.base_macs,
-        "params": measured.params,
-        "macs": measured.macs,
-        "params_kept": measured.params / counter.base_params,
-        "macs_kept": measured.macs / counter.base_macs,
-        "macs_convention": CONVENTION,
-    }
+    return count_stats(counter, measured.params, measured.macs)
