@@ -21,3 +21,12 @@ def _one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """chip's on-disk caches (sensitivity measurements) go to a temporary directory."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CHIP_CACHE_DIR", str(tmp_path_factory.mktemp("chip-cache")))
+    yield
+    patch.undo()

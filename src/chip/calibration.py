@@ -161,9 +161,13 @@ class _Accumulator:
     scores the points whose first reader is this call.
     """
 
-    def __init__(self, points: list[HookPoint], criterion, graph: GroupGraph):
+    def __init__(self, points: list[HookPoint], criterion, graph: GroupGraph, norms: bool = False):
         self.criterion = criterion
         self.sums: dict[str, torch.Tensor | None] = {p.label: None for p in points}
+        # per-channel feature-map norm sums ||a_i|| (CHIP scores: the global allocation's scale)
+        self.norm_sums: dict[str, torch.Tensor | None] | None = (
+            {p.label: None for p in points} if norms else None
+        )
         self.counts: dict[str, int] = {p.label: 0 for p in points}
         self.dispatch: dict[str, dict[int, list[tuple[str, Member]]]] = {}
         for p in points:
@@ -177,16 +181,33 @@ class _Accumulator:
             call = self.calls.get(consumer, 0)
             self.calls[consumer] = call + 1
             for label, member in self.dispatch[consumer].get(call, ()):
-                scores = self.criterion(_gather(inputs[0], member)).to(torch.float64)
-                total = scores.sum(0)
-                prev = self.sums[label]
-                self.sums[label] = total if prev is None else prev + total
+                fmaps = _gather(inputs[0], member)
+                scores = self.criterion(fmaps).to(torch.float64)
+                _add(self.sums, label, scores.sum(0))
                 self.counts[label] += scores.shape[0]
+                if self.norm_sums is not None and fmaps[0, 0].numel() > 1:
+                    # one position per channel (a pooled vector) makes every channel dependent:
+                    # no meaningful scale there, so such points record no norms
+                    norms = fmaps.flatten(2).norm(dim=2)
+                    _add(self.norm_sums, label, norms.to(torch.float64).sum(0))
 
         return _hook
 
     def next_batch(self) -> None:
         self.calls.clear()
+
+
+def _group_means(vectors: dict[str, torch.Tensor], point_group: dict[str, str]):
+    """``{group: mean of its hook points' vectors}`` (float64)."""
+    members: dict[str, list[torch.Tensor]] = {}
+    for label, vec in vectors.items():
+        members.setdefault(point_group[label], []).append(vec.to(torch.float64))
+    return {g: torch.stack(v).mean(0) for g, v in members.items()}
+
+
+def _add(sums: dict, label: str, total: torch.Tensor) -> None:
+    prev = sums[label]
+    sums[label] = total if prev is None else prev + total
 
 
 def split_batch(batch) -> torch.Tensor:
@@ -211,6 +232,10 @@ class ChannelScores:
 
     ``groups[name]`` is the (C,) float64 mean score of group ``name`` (keep the largest);
     ``points[label]`` the mean score at one hook point; ``point_group[label]`` its group.
+    CHIP scores also carry ``norms[name]``: the (C,) mean L2 norm ``||a_i||`` of each channel's
+    feature map (per sample, over positions; mean over samples and the group's hook points),
+    the scale ``CI_i <= ||a_i||`` that makes scores comparable across groups
+    (:mod:`chip.allocation`, ``global``); ``point_norms`` the same per hook point.
     """
 
     groups: dict[str, torch.Tensor]
@@ -218,6 +243,8 @@ class ChannelScores:
     point_group: dict[str, str] = field(default_factory=dict)
     num_samples: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    point_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         meta = self.meta or {}
@@ -246,13 +273,24 @@ class ChannelScores:
         return group in self.groups
 
     @classmethod
-    def from_points(cls, points: dict[str, torch.Tensor], point_group: dict[str, str], **kw):
-        """Group scores as the mean of each group's hook-point vectors (docs/method.md section 1)."""
-        members: dict[str, list[torch.Tensor]] = {}
-        for label, vec in points.items():
-            members.setdefault(point_group[label], []).append(vec.to(torch.float64))
-        groups = {g: torch.stack(v).mean(0) for g, v in members.items()}
-        return cls(groups=groups, points=dict(points), point_group=dict(point_group), **kw)
+    def from_points(
+        cls,
+        points: dict[str, torch.Tensor],
+        point_group: dict[str, str],
+        point_norms: dict[str, torch.Tensor] | None = None,
+        **kw,
+    ):
+        """Group scores (and norms) as the mean of each group's hook-point vectors
+        (docs/method.md section 1)."""
+        point_norms = dict(point_norms or {})
+        return cls(
+            groups=_group_means(points, point_group),
+            points=dict(points),
+            point_group=dict(point_group),
+            norms=_group_means(point_norms, point_group),
+            point_norms=point_norms,
+            **kw,
+        )
 
     # -- persistence (safetensors: tensors + JSON metadata, no pickle) ---------------------------
     def save(self, path) -> None:
@@ -260,6 +298,7 @@ class ChannelScores:
 
         tensors = {f"group/{k}": v.contiguous().cpu() for k, v in self.groups.items()}
         tensors.update({f"point/{k}": v.contiguous().cpu() for k, v in self.points.items()})
+        tensors.update({f"norm/{k}": v.contiguous().cpu() for k, v in self.point_norms.items()})
         header = {
             "format": "chip.ChannelScores/1",
             "point_group": json.dumps(self.point_group),
@@ -290,12 +329,16 @@ class ChannelScores:
             raise ChipError(
                 f"{path} is not a chip scores file (expected one written by `chip score`)"
             )
+        point_group = json.loads(header["point_group"])
+        point_norms = {k[5:]: v for k, v in tensors.items() if k.startswith("norm/")}
         return cls(
             groups={k[6:]: v for k, v in tensors.items() if k.startswith("group/")},
             points={k[6:]: v for k, v in tensors.items() if k.startswith("point/")},
-            point_group=json.loads(header["point_group"]),
+            point_group=point_group,
             num_samples=int(header["num_samples"]),
             meta=json.loads(header["meta"]),
+            norms=_group_means(point_norms, point_group),
+            point_norms=point_norms,
         )
 
     # -- reference layout (ci_conv{k}.npy) -------------------------------------------------------
@@ -435,7 +478,7 @@ def calibrate(
         model.to(device)
         graph = graph if graph is not None else find_groups(model, example, check=False)
         points = hook_points(model, graph, example)
-        acc = _Accumulator(points, score_fn, graph)
+        acc = _Accumulator(points, score_fn, graph, norms=criterion == "chip")
         for consumer in acc.dispatch:
             module = model.get_submodule(consumer)
             handles.append(module.register_forward_pre_hook(acc.hook(consumer)))
@@ -469,16 +512,18 @@ def calibrate(
             m.training = training
         model.to(original_device)
 
-    sums, counts = _all_reduce(acc, device)
+    sums, counts, norm_sums = _all_reduce(acc, device)
     missing = [lb for lb, s in sums.items() if s is None or counts[lb] == 0]
     if missing:
         raise ChipError(
             f"hook points never ran during calibration: {missing[:5]} (is the loader empty?)"
         )
     means = {lb: (sums[lb] / counts[lb]).cpu() for lb in sums}
+    norms = {lb: (v / counts[lb]).cpu() for lb, v in (norm_sums or {}).items() if v is not None}
     return ChannelScores.from_points(
         means,
         {p.label: p.group for p in points},
+        norms,
         num_samples=int(next(iter(counts.values()))) if counts else 0,
         meta={
             "arch": getattr(model, "chip_arch", None),
@@ -495,27 +540,23 @@ def calibrate(
 
 
 def _all_reduce(acc: _Accumulator, device):
-    """Sum per-rank sums and counts across ranks (no-op outside torch.distributed)."""
+    """Per-rank score sums, sample counts and norm sums (``None`` unless scored) summed across
+    ranks in one collective (no-op outside torch.distributed)."""
     from .distributed import all_reduce_sum, get_world_size
 
     if get_world_size() <= 1:
-        return acc.sums, acc.counts
+        return acc.sums, acc.counts, acc.norm_sums
     missing = [label for label, s in acc.sums.items() if s is None]
     if missing:
         raise ChipError(f"hook point {missing[0]} received no data on this rank")
     labels = list(acc.sums)
-    # one collective for everything: every point's sums, then every point's sample count
-    flat = torch.cat(
-        [acc.sums[lb].to(device, torch.float64) for lb in labels]
-        + [
-            torch.tensor(
-                [float(acc.counts[lb]) for lb in labels], dtype=torch.float64, device=device
-            )
-        ]
-    )
+    normed = [lb for lb in labels if acc.norm_sums is not None and acc.norm_sums[lb] is not None]
+    counts = torch.tensor([float(acc.counts[lb]) for lb in labels], dtype=torch.float64)
+    parts = [acc.sums[lb].to(device, torch.float64) for lb in labels]
+    parts += [acc.norm_sums[lb].to(device, torch.float64) for lb in normed]
+    flat = torch.cat(parts + [counts.to(device)])
     all_reduce_sum(flat)
-    sizes = [acc.sums[lb].numel() for lb in labels] + [len(labels)]
-    *parts, counts = torch.split(flat, sizes)
-    out_sums = dict(zip(labels, parts))
-    out_counts = {lb: int(c) for lb, c in zip(labels, counts.tolist())}
-    return out_sums, out_counts
+    *parts, counts = torch.split(flat, [p.numel() for p in parts] + [len(labels)])
+    sums = dict(zip(labels, parts[: len(labels)]))
+    norm_sums = dict(zip(normed, parts[len(labels) :])) if acc.norm_sums is not None else None
+    return sums, {lb: int(c) for lb, c in zip(labels, counts.tolist())}, norm_sums

@@ -468,21 +468,87 @@ def get_args_parser_plan(parser: argparse.ArgumentParser) -> None:
     add_model_args(
         parser,
         checkpoint_help="weights (not needed: a plan depends on the "
-        "architecture only; a whole pickled model needs --trust-code)",
+        "architecture only, unless --allocation sensitivity measures it; a whole pickled model "
+        "needs --trust-code)",
     )
     add_target_args(parser)
     parser.add_argument(
         "--scores", type=Path, help="scores from chip score (which channels to keep)"
     )
+    add_allocation_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
     parser.add_argument("--out", type=Path, help="write the plan here (JSON)")
-    add_option(parser, OPTIONS["threads"])
 
 
-def _make_plan(args: argparse.Namespace, model: nn.Module, scores, size):
-    from chip.planning import plan
+def add_allocation_args(parser: argparse.ArgumentParser, recalibrate: bool = False) -> None:
+    """--allocation [--recalibrate-bn], the data they read, and the common flags."""
+    g = parser.add_argument_group("allocation")
+    add_option(g, OPTIONS["plan.allocation"])
+    if recalibrate:
+        add_option(g, OPTIONS["prune.recalibrate_bn"])
+    needs = "--allocation sensitivity" + (" and --recalibrate-bn" if recalibrate else "")
+    add_data_args(
+        parser,
+        batch_size=None,
+        required=False,
+        data_help=f"{OPTIONS['data.name'].help} (needed by {needs})",
+    )
+    add_option(parser, OPTIONS["calibration.batch_size"], flag="--batch-size", dest="batch_size")
+    add_common_args(parser)
 
-    return plan(model, scores, _plan_target(args), round_to=args.round_to, input_size=size)
+
+def _check_allocation_args(args: argparse.Namespace, command: str) -> None:
+    """One-line errors, before any work, for allocation and data flags that do not fit."""
+    from chip.planning import check_allocation
+
+    if getattr(args, "plan", None) is not None:
+        if args.allocation != "uniform":
+            raise ChipError(
+                f"{command}: --allocation is chosen when planning; --plan already fixes the widths"
+            )
+    else:
+        check_allocation(args.allocation, _plan_target(args))
+    needs = [f"--allocation {args.allocation}"] if args.allocation == "sensitivity" else []
+    if getattr(args, "recalibrate_bn", 0):
+        needs.append("--recalibrate-bn")
+    if needs and args.data is None:
+        raise ChipError(
+            f"{command}: {' and '.join(needs)} needs --data (it runs the model on training batches)"
+        )
+
+
+def _model_and_data(args: argparse.Namespace):
+    """The model (sized for --data when given) and the training split (None without --data)."""
+    if args.data is None:
+        return _build_model(args, in_channels=args.input_size[0] if args.input_size else None), None
+    train, _, info = _data(args)
+    model = _build_model(args, info.num_classes, info.in_channels)
+    _check_fits(model, info)
+    return model, train
+
+
+def _make_plan(args: argparse.Namespace, model: nn.Module, scores, size, train=None):
+    from chip.data import calibration_loader
+    from chip.planning import Allocation, plan
+    from chip.utils import resolve_device
+
+    allocation, data = Allocation(args.allocation, seed=args.seed), None
+    if allocation.name == "sensitivity":  # measured on --device, the model then back on the CPU
+        data = calibration_loader(train, allocation.batches, args.batch_size, args.seed)
+        model.to(resolve_device(args.device))
+    try:
+        return plan(
+            model,
+            scores,
+            _plan_target(args),
+            round_to=args.round_to,
+            input_size=size,
+            allocation=allocation,
+            data=data,
+            progress=not args.quiet,
+        )
+    finally:
+        model.cpu()
 
 
 def _model_name(args: argparse.Namespace, model: nn.Module) -> str:
@@ -505,12 +571,13 @@ def _load_scores(path: Path | None, model: nn.Module):
 def cmd_plan(args: argparse.Namespace) -> int:
     from chip.preflight import check_writable
 
+    _check_allocation_args(args, "plan")
     if args.out is not None:
         check_writable(args.out, "output file")
-    model = _build_model(args, in_channels=args.input_size[0] if args.input_size else None)
+    model, train = _model_and_data(args)
     size = _model_input(args, model)
     scores = _load_scores(args.scores, model)
-    p = _make_plan(args, model, scores, size)
+    p = _make_plan(args, model, scores, size, train)
     if scores is None:
         print(
             "note: no --scores given: the plan keeps the first channels of every group; which "
@@ -536,6 +603,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "widths": p.widths(),
             "channels": {k: g.channels for k, g in p.groups.items()},
             "skipped": p.skipped,
+            "allocation": p.allocation,
         }
         print(json.dumps(obj))
         return 0
@@ -544,11 +612,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         + (f", round to {args.round_to}" if args.round_to > 1 else "")
     ]
     lines += p.table().splitlines()
+    lines += _allocation_lines(p)
     lines += _counts_lines(s["base_params"], s["base_macs"], s["params"], s["macs"], size)
     if args.out is not None:
         lines.append(f"plan written to {args.out}")
     print("\n".join(lines))
     return 0
+
+
+def _allocation_lines(p) -> list[str]:
+    a = p.allocation
+    if a.get("name") != "sensitivity":
+        return [f"allocation: {a['name']}"] if a else []
+    trials = sum(len(v) for v in a["loss"].values())
+    how = "cached" if a["cached"] else f"measured in {a['seconds']:.1f} s"
+    return [f"allocation: sensitivity ({trials} group widths, {how})"]
 
 
 # ------------------------------------------------------------------------------------- prune
@@ -560,8 +638,8 @@ def get_args_parser_prune(parser: argparse.ArgumentParser) -> None:
         "--scores", type=Path, help="scores from chip score (not needed with --plan)"
     )
     add_target_args(parser, plan_file=True)
+    add_allocation_args(parser, recalibrate=True)
     parser.add_argument("--out", type=Path, required=True, help="pruned model artifact (.chip)")
-    add_option(parser, OPTIONS["threads"])
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -573,11 +651,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.plan is None and args.scores is None:
         raise UsageError("prune: --scores is required unless --plan gives the kept channels")
+    _check_allocation_args(args, "prune")
     check_writable(args.out, "output file")
     p = PruningPlan.load(args.plan) if args.plan is not None else None
     if p is not None and args.input_size is None:
         args.input_size = tuple(p.input_size[1:])  # the size the plan was counted at
-    model = _build_model(args, in_channels=args.input_size[0] if args.input_size else None)
+    model, train = _model_and_data(args)
     size = _model_input(args, model)
     name = _model_name(args, model)
     if p is not None:
@@ -585,9 +664,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if p.arch is not None and ours is not None and p.arch != ours:
             raise ChipError(f"plan {args.plan} was made for {p.arch}, not {ours}")
     else:
-        p = _make_plan(args, model, _load_scores(args.scores, model), size)
+        p = _make_plan(args, model, _load_scores(args.scores, model), size, train)
     base = count(model, size)
     pruned = apply(model, p)
+    if args.recalibrate_bn:
+        from chip.data import calibration_loader
+        from chip.recalibration import recalibrate_bn
+        from chip.utils import resolve_device
+
+        n = args.recalibrate_bn
+        loader = calibration_loader(train, n, args.batch_size, args.seed)
+        recalibrate_bn(pruned.to(resolve_device(args.device)), loader, n).cpu()
     after = count(pruned, size)
     save(
         pruned,
@@ -601,6 +688,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         },
     )
     lines = [f"pruned {name} ({p.target}) -> {args.out}"]
+    lines += _allocation_lines(p)
+    if args.recalibrate_bn:
+        lines.append(f"BatchNorm statistics re-estimated on {args.recalibrate_bn} batches")
     lines += _counts_lines(base.params, base.macs, after.params, after.macs, size)
     print("\n".join(lines))
     return 0

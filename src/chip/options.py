@@ -14,6 +14,7 @@ from typing import Any
 
 from .criteria import CRITERIA  # the table, importable without torch
 from .recipe import AMP_MODES, SCHEDULE_NAMES
+from .targets import ALLOCATIONS
 
 __all__ = ["OPTIONS", "TRAIN_OPTIONS", "Option", "add_option", "config_types"]
 
@@ -214,6 +215,26 @@ _ENTRIES = [
         "kept widths become multiples of N",
         minimum=1,
         nullable=False,
+    ),
+    Option(
+        "plan.allocation",
+        "--allocation",
+        "str",
+        "uniform",
+        "how a flops=/params= budget is spread over the groups: uniform (one rate), global (one "
+        "ranking of normalised scores) or sensitivity (measured loss per group width; needs data)",
+        choices=ALLOCATIONS,
+        nullable=False,
+    ),
+    Option(
+        "prune.recalibrate_bn",
+        "--recalibrate-bn",
+        "int",
+        0,
+        "re-estimate BatchNorm statistics of the pruned model on N training batches (0: off)",
+        minimum=0,
+        nullable=False,
+        metavar="N",
     ),
 ]
 OPTIONS: dict[str, Option] = {o.key: o for o in _ENTRIES}

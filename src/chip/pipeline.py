@@ -107,6 +107,14 @@ class RunContext:
             self.datasets[0], batch_size, train=True, workers=self.cfg["data"]["workers"], seed=seed
         )
 
+    def calibration_loader(self, num_batches: int):
+        """``num_batches`` seeded batches of augmented training images at the calibration batch
+        size (scoring, sensitivity, BatchNorm re-estimation)."""
+        from chip.data import calibration_loader
+
+        c = self.cfg["calibration"]
+        return calibration_loader(self.datasets[0], num_batches, c["batch_size"], self.cfg["seed"])
+
     def new_model(self, checkpoint=None) -> nn.Module:
         """The configured model (``arch`` is any model source); its random initialisation is
         seeded with ``seed``."""
@@ -184,10 +192,9 @@ def stage_eval_baseline(ctx: RunContext) -> dict:
 
 def stage_score(ctx: RunContext) -> dict:
     from chip.criteria import score
-    from chip.data import calibration_loader
 
     c = ctx.cfg["calibration"]
-    loader = calibration_loader(ctx.datasets[0], c["batches"], c["batch_size"], ctx.cfg["seed"])
+    loader = ctx.calibration_loader(c["batches"])
     t0 = time.perf_counter()
     scores = score(
         ctx.baseline_model(),
@@ -209,20 +216,30 @@ def stage_score(ctx: RunContext) -> dict:
 
 def stage_plan(ctx: RunContext) -> dict:
     from chip.calibration import ChannelScores
-    from chip.planning import plan
+    from chip.planning import Allocation, plan
 
     scores = ChannelScores.load(ctx.out_dir / "scores.safetensors")
     t = ctx.cfg["target"]
+    allocation = Allocation(ctx.cfg["plan"]["allocation"], seed=ctx.cfg["seed"])
+    model, data = ctx.baseline_model(), None
+    if allocation.name == "sensitivity":  # measured on the run's device
+        model, data = model.to(ctx.device), ctx.calibration_loader(allocation.batches)
+    t0 = time.perf_counter()
     p = plan(
-        ctx.baseline_model(),
+        model,
         scores,
         resolve_target(t),
         round_to=t["round_to"],
         input_size=ctx.input_size,
+        allocation=allocation,
+        data=data,
+        progress=ctx.progress,
     )
     p.save(ctx.out_dir / "plan.json")
     return {
         **p.stats,
+        "allocation": allocation.name,
+        "seconds": time.perf_counter() - t0,
         "widths": p.widths(),
         "channels": {k: g.channels for k, g in p.groups.items()},
         "target": p.target,
@@ -237,6 +254,11 @@ def stage_prune(ctx: RunContext) -> dict:
 
     p = PruningPlan.load(ctx.out_dir / "plan.json")
     pruned = apply(ctx.baseline_model(), p)
+    n = ctx.cfg["prune"]["recalibrate_bn"]
+    if n:
+        from chip.recalibration import recalibrate_bn
+
+        recalibrate_bn(pruned.to(ctx.device), ctx.calibration_loader(n), n).cpu()
     counts = count(pruned, ctx.input_size)
     save(
         pruned,
@@ -249,7 +271,7 @@ def stage_prune(ctx: RunContext) -> dict:
             "input_size": list(ctx.input_size),
         },
     )
-    return {"params": counts.params, "macs": counts.macs}
+    return {"params": counts.params, "macs": counts.macs, "recalibrate_bn": n}
 
 
 def stage_eval_pruned(ctx: RunContext) -> dict:
@@ -327,8 +349,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("eval_baseline", stage_eval_baseline),
     Stage("score", stage_score, ("calibration",), ("scores.safetensors",)),
-    Stage("plan", stage_plan, ("target",), ("plan.json",)),
-    Stage("prune", stage_prune, (), ("pruned.chip",)),
+    Stage("plan", stage_plan, ("target", "plan"), ("plan.json",)),
+    Stage("prune", stage_prune, ("prune",), ("pruned.chip",)),
     Stage("eval_pruned", stage_eval_pruned),
     Stage("finetune", stage_finetune, ("finetune",), ("finetune", "model.chip")),
     Stage("eval_final", stage_eval_final),
@@ -381,7 +403,7 @@ def preflight(ctx: RunContext) -> None:
     names, a budget it can meet)."""
     import warnings
 
-    from chip.planning import plan
+    from chip.planning import check_allocation, plan
     from chip.preflight import check_data_fits, check_splits, check_writable
     from chip.utils import resolve_device
 
@@ -394,10 +416,22 @@ def preflight(ctx: RunContext) -> None:
     check_data_fits(model, info.in_channels, info.name, cfg["arch"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan stage warns about groups kept whole
-        plan(
+        target = resolve_target(cfg["target"])
+        allocation = check_allocation(cfg["plan"]["allocation"], target)
+        size = cfg["calibration"]["batch_size"]
+        reads = {"prune.recalibrate_bn": cfg["prune"]["recalibrate_bn"]}
+        if allocation.name == "sensitivity":
+            reads["plan.allocation sensitivity"] = allocation.batches
+        for what, batches in reads.items():
+            if len(train) <= (batches - 1) * size:
+                raise ChipError(
+                    f"{what} reads {batches} calibration batches of {size} images but the "
+                    f"training set has {len(train)}; lower calibration.batch_size or use more data"
+                )
+        plan(  # the budget's reachability under the uniform rule
             model,
             None,
-            resolve_target(cfg["target"]),
+            target,
             round_to=cfg["target"]["round_to"],
             input_size=ctx.input_size,
             graph=_static_graph(model, ctx.input_size),

@@ -8,11 +8,11 @@ A target is one of
 * a per-layer mapping ``{"layer1.0.conv1": 0.5, ...}`` keyed by group or producer module name
   (groups not named are kept whole);
 * a budget ``"flops=0.5"`` / ``"macs=0.5"`` / ``"params=0.6"``: the fraction of the unpruned
-  model's MACs or params to keep. It is solved with one uniform rate for all groups, found by
-  bisection on exact analytic counts, then channels (``round_to`` steps) are given back one group
-  at a time, round-robin in graph order, while the budget holds (a uniform rate alone is coarse on
-  narrow models: ResNet-56 ``flops=0.5`` stops at 0.48); the achieved fraction is reported in the
-  plan.
+  model's MACs or params to keep, spread over the groups by an ``allocation``
+  (:mod:`chip.allocation`: ``uniform``, one rate for every group; ``global``, one ranking of
+  normalised scores; ``sensitivity``, widths chosen by the measured loss of each group at a
+  ladder of widths). Counts are exact and analytic; the achieved fraction is reported in the
+  plan, and the plan records the allocation and its measurements.
 
 Kept widths are ``int(C * (1 - rate))`` (truncation, as the reference), at least 1, and with
 ``round_to=N`` rounded to the nearest multiple of N (at least N, at most C). The kept channels of a
@@ -27,7 +27,6 @@ A plan is plain data: it saves to JSON, can be reviewed or edited, and is applie
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from .allocation import Allocation, kept_width, solve
 from .counting import CONVENTION, WidthCounter
 from .errors import ChipError, ChipWarning
 from .groups import ChannelGroup, GroupGraph, find_groups
@@ -43,6 +43,7 @@ from .targets import describe, parse_sparsity, parse_target
 from .utils import atomic_write, example_input
 
 __all__ = [
+    "Allocation",
     "GroupPlan",
     "PruningPlan",
     "SPARSITY_LAYOUTS",
@@ -159,6 +160,8 @@ class PruningPlan:
     stats: dict[str, Any] = field(default_factory=dict)
     # groups chip keeps whole because it cannot prune them correctly: name -> reason
     skipped: dict[str, str] = field(default_factory=dict)
+    # how a budget was spread (chip.allocation.solve's record; empty for other targets)
+    allocation: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         pruned = sum(g.kept < g.channels for g in self.groups.values())
@@ -229,6 +232,9 @@ class PruningPlan:
             isinstance(v, str) for v in skipped.values()
         ):
             raise ChipError(f"malformed plan skipped {skipped!r}; expected {{group: reason}}")
+        allocation = d.get("allocation", {})
+        if not isinstance(allocation, Mapping):
+            raise ChipError(f"malformed plan allocation {allocation!r}; expected a mapping")
         plan_ = cls(
             groups=groups,
             arch=d.get("arch"),
@@ -237,6 +243,7 @@ class PruningPlan:
             scores_used=bool(d.get("scores_used", True)),
             stats=dict(stats),
             skipped=dict(skipped),
+            allocation=dict(allocation),
         )
         plan_.validate()
         return plan_
@@ -284,12 +291,6 @@ class PruningPlan:
         return cls.from_dict(data)
 
 
-def kept_width(group: ChannelGroup, rate: float, round_to: int) -> int:
-    """Kept width of ``group`` at ``rate``: ``int(C * (1 - rate))``, at least 1, then
-    :meth:`ChannelGroup.width` (its step, ``round_to``)."""
-    return group.width(max(1, int(group.channels * (1.0 - rate))), round_to)
-
-
 def _choose(scores: torch.Tensor | None, k: int, channels: int) -> list[int]:
     """The ``k`` highest-scoring of ``channels`` plain channels, ascending (ties: lower index)."""
     return ChannelGroup("", channels, (), (), ()).choose(scores, k)
@@ -328,53 +329,6 @@ def _layer_rates(mapping: Mapping[str, float], graph: GroupGraph) -> dict[str, f
     return out
 
 
-def _solve_budget(
-    kind: str, fraction: float, graph: GroupGraph, counter: WidthCounter, round_to: int
-) -> tuple[float, dict[str, int]]:
-    """Largest kept fraction <= budget with one uniform rate for every group (bisection), then
-    one width step given back per group, round-robin in graph order, while the budget holds."""
-    base = counter.base_params if kind == "params" else counter.base_macs
-    index = 0 if kind == "params" else 1
-
-    def achieved(rate: float) -> tuple[float, dict[str, int]]:
-        widths = {g.name: kept_width(g, rate, round_to) for g in graph}
-        return counter(widths)[index] / base, widths
-
-    lo, hi = 0.0, 1.0 - 1e-9
-    unpruned, full_widths = achieved(lo)
-    if unpruned <= fraction:
-        return 0.0, full_widths
-    smallest = achieved(hi)[0]
-    if smallest > fraction:
-        kept_whole = (
-            f" ({len(graph.skipped)} groups chip cannot prune are kept whole)"
-            if graph.skipped
-            else ""
-        )
-        raise ChipError(
-            f"{kind} budget {fraction} cannot be met: keeping the fewest channels chip "
-            f"allows in every group still leaves {smallest:.3f} of the baseline"
-            f"{kept_whole}; expected a budget of at least {smallest:.3f}"
-        )
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if achieved(mid)[0] <= fraction:
-            hi = mid
-        else:
-            lo = mid
-    widths = achieved(hi)[1]
-    grown = True
-    while grown:
-        grown = False
-        for g in graph:
-            if widths[g.name] < g.channels:
-                step = math.lcm(g.step, round_to) if round_to > 1 else g.step
-                trial = {**widths, g.name: min(g.channels, widths[g.name] + step)}
-                if counter(trial)[index] / base <= fraction:
-                    widths, grown = trial, True
-    return hi, widths
-
-
 def plan(
     model: nn.Module,
     scores=None,
@@ -383,6 +337,9 @@ def plan(
     round_to: int = 1,
     input_size=None,
     graph: GroupGraph | None = None,
+    allocation: str | Allocation = "uniform",
+    data=None,
+    progress: bool = True,
 ) -> PruningPlan:
     """Turn channel scores and a target into a :class:`PruningPlan` (see the module docstring).
 
@@ -393,7 +350,25 @@ def plan(
         round_to: kept widths become multiples of this (hardware-friendly shapes).
         input_size: example input (N, C, H, W) for tracing and counting; default: the size the
             model's source declares (zoo, timm), else a :class:`ChipError`.
+        allocation: how a budget target is spread over the groups: ``"uniform"``,
+            ``"global"``, ``"sensitivity"`` or a :class:`chip.allocation.Allocation` with its
+            settings (budgets only).
+        data: ``(inputs, targets)`` batches ``sensitivity`` measures on (e.g. the calibration
+            loader); the model runs on the device of its parameters.
+        progress: show a progress bar over ``sensitivity``'s evaluations.
+
+    Raises:
+        ChipError: a target or allocation that does not fit the model or cannot be met,
+            ``sensitivity`` without data or with too few labelled batches, ``global`` without
+            scores.
     """
+    allocation = check_allocation(allocation, target)
+    kind, value = parse_target(target)
+    if allocation.name == "sensitivity" and data is None:
+        raise ChipError(
+            "allocation 'sensitivity' measures each group's loss on data; pass data=loader "
+            "(CLI: --data)"
+        )
     arch = getattr(model, "chip_arch", None)
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
     if not _is_int(round_to) or round_to < 1:
@@ -404,10 +379,19 @@ def plan(
     counter = graph.counter
     if counter is None or counter.input_size != tuple(input_size)[1:]:
         counter = WidthCounter(model, graph, input_size)
-    kind, value = parse_target(target)
-    solved_rate = None
+    record: dict[str, Any] = {}
     if kind == "budget":
-        solved_rate, widths = _solve_budget(*value, graph, counter, round_to)
+        widths, record = solve(
+            *value,
+            graph,
+            counter,
+            round_to,
+            allocation,
+            scores=scores,
+            model=model,
+            data=data,
+            progress=progress,
+        )
     else:
         rates = {
             "sparsity": lambda: _sparsity_rates(arch, value, graph),
@@ -432,7 +416,9 @@ def plan(
 
     stats = count_stats(counter, *counter(widths))
     if kind == "budget":
-        stats.update(budget_kind=value[0], budget=value[1], uniform_rate=solved_rate)
+        stats.update(budget_kind=value[0], budget=value[1])
+        if "uniform_rate" in record:
+            stats["uniform_rate"] = record["uniform_rate"]
     return PruningPlan(
         groups=groups,
         arch=arch,
@@ -441,7 +427,20 @@ def plan(
         scores_used=group_scores is not None,
         stats=stats,
         skipped=dict(graph.skipped),
+        allocation=record,
     )
+
+
+def check_allocation(allocation, target) -> Allocation:
+    """The :class:`Allocation` of ``allocation`` (a name or one); ChipError for an unknown one or
+    one other than ``uniform`` with a target that is not a budget."""
+    allocation = Allocation.of(allocation)
+    if allocation.name != "uniform" and parse_target(target)[0] != "budget":
+        raise ChipError(
+            f"allocation {allocation.name!r} spreads a budget (flops=, params=); target "
+            f"{describe(target)!r} fixes the rates itself; use allocation 'uniform'"
+        )
+    return allocation
 
 
 def count_stats(counter: WidthCounter, params: int, macs: int) -> dict[str, Any]:

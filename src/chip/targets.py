@@ -21,7 +21,10 @@ from typing import Any
 
 from .errors import ChipError
 
-__all__ = ["describe", "parse_sparsity", "parse_target"]
+__all__ = ["ALLOCATIONS", "describe", "parse_sparsity", "parse_target"]
+
+# how a budget is spread over the groups (chip.allocation has the solvers)
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 
 _TERM = re.compile(r"\s*\[\s*(?P<rate>[^\]]*?)\s*\]\s*(?:\*\s*(?P<count>[^+\s]*)\s*)?")
 _RATE = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
