@@ -54,6 +54,9 @@ from chip.prune import apply
 from chip.train import TrainConfig, evaluate, fit, load_training_state
 from chip.utils import atomic_write, seed_everything
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules, however it is loaded
+from results_doc import marked_sections  # noqa: E402
+
 CRITERIA = tuple(CRITERIA_TABLE)
 PAPER_STRING = "[0.]+[0.15]*2+[0.4]*27"  # ResNet-56 (n=9): stem, 2 streams, 27 inner rates
 DATA_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -630,6 +633,8 @@ def write_results(
         f"{report_command}   # this file from the cache",
         "```",
     ]
+    for section in marked_sections(results):  # other scripts' sections (bench/results_doc.py)
+        lines += ["", section.rstrip("\n")]
     lines += ["", "## GPU check (`bench/gpu.sh`)", ""]
     if gpu_table is not None:
         lines += ["```", gpu_table.read_text().rstrip(), "```"]

@@ -71,6 +71,23 @@ def test_normalised_ci_lies_in_unit_interval_and_falls_back_to_group_mean():
     torch.testing.assert_close(r, l1.groups["conv1"].double() / l1.groups["conv1"].abs().mean())
 
 
+def test_scores_norms_are_the_mean_feature_map_norms_and_survive_a_save(tmp_path):
+    model = Dup().eval()
+    x = torch.randn(16, 3, 12, 12)
+    scores = chip.calibrate(model, [x[:8], x[8:]], num_batches=2, progress=False)
+    with torch.no_grad():  # conv3 reads relu(conv2(relu(conv1(x)))): its input maps' norms
+        maps = torch.relu(model.conv2(torch.relu(model.conv1(x))))
+    expected = maps.double().flatten(2).norm(dim=2).mean(0)
+    torch.testing.assert_close(scores.norms["conv2"], expected, rtol=1e-5, atol=0)
+    scores.save(tmp_path / "s.safetensors")
+    loaded = chip.ChannelScores.load(tmp_path / "s.safetensors")
+    assert set(loaded.point_norms) == set(scores.point_norms)
+    for g in scores.groups:
+        torch.testing.assert_close(A.normalised_scores(loaded, g), A.normalised_scores(scores, g))
+    hrank = chip.calibrate(model, [x[:8], x[8:]], num_batches=2, criterion="hrank", progress=False)
+    assert hrank.norms == {} and hrank.point_norms == {}
+
+
 class Branches(nn.Module):
     """stem -> three branches summed: a x 0, b x 1, c x 0.05; then a 4-class linear head."""
 

@@ -26,6 +26,8 @@ _API = {
     "PruningPlan": "chip.planning",
     "parse_sparsity": "chip.planning",
     "apply": "chip.prune",
+    "Allocation": "chip.allocation",
+    "recalibrate_bn": "chip.recalibration",
     "count": "chip.counting",
     "measure_latency": "chip.latency",
     "save": "chip.artifact",
