@@ -12,6 +12,8 @@
 #   bash bench/gpu.sh                 # full check (CUDA)
 #   bash bench/gpu.sh --smoke         # the same script at tiny sizes on the CPU
 #   bash bench/gpu.sh --json out.json # also write the rows as JSON
+#   bash bench/gpu.sh --allocation-study  # bench/study_allocation.py at full size on CUDA instead
+#                                         # (Fashion-MNIST files, nvidia-modelopt; about an hour)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,4 +29,8 @@ for mod in torch_pruning tqdm; do
       "${mod//_/-}"
   fi
 done
+if [[ "${1:-}" == "--allocation-study" ]]; then
+  exec "$PY" bench/study_allocation.py --scale full --device cuda \
+    --out-dir runs/study_allocation_full --results runs/study_allocation_full/RESULTS.md
+fi
 exec timeout 470 "$PY" bench/gpu_check.py "$@"

@@ -303,6 +303,10 @@ BAD = {
         ["plan", "--arch", "resnet999", "--flops", "0.5"],
         "unknown model 'resnet999'; expected a zoo name",
     ),
+    "classes": (
+        ["eval", "--model", "{tmp}/m.chip", *SYNTHETIC, "--data-opt", "num_classes=12"],
+        "the data synthetic has 12 classes but resnet20 outputs 10; use --num-classes 12",
+    ),
 }
 
 

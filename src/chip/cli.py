@@ -717,7 +717,8 @@ def _train_defaults() -> dict:
 def _check_fits(model: nn.Module, info) -> None:
     from chip.preflight import check_data_fits
 
-    check_data_fits(model, info.in_channels, info.name, getattr(model, "chip_arch", None) or "")
+    source = getattr(model, "chip_arch", None) or ""
+    check_data_fits(model, info.in_channels, info.name, source, info.num_classes, info.image_size)
 
 
 def _training_setup(args: argparse.Namespace, defaults: dict, section: str):

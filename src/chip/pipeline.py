@@ -413,7 +413,9 @@ def preflight(ctx: RunContext) -> None:
     train, val, info = ctx.datasets
     check_splits({"training": train, "validation": val}, info.name)
     model = ctx.new_model(checkpoint=cfg["checkpoint"])
-    check_data_fits(model, info.in_channels, info.name, cfg["arch"])
+    check_data_fits(
+        model, info.in_channels, info.name, cfg["arch"], info.num_classes, info.image_size
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan stage warns about groups kept whole
         target = resolve_target(cfg["target"])

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from .errors import ChipError
@@ -79,14 +80,38 @@ def input_size_for(
     return size
 
 
-def check_data_fits(model: nn.Module, channels: int, data: str, source: str = "") -> None:
-    """ChipError naming both numbers when ``data`` has ``channels`` and the model reads others."""
+def check_data_fits(
+    model: nn.Module,
+    channels: int,
+    data: str,
+    source: str = "",
+    num_classes: int | None = None,
+    image_size: tuple[int, ...] | None = None,
+) -> None:
+    """ChipError naming both numbers when ``data`` has ``channels`` and the model reads others,
+    or (given ``num_classes`` and ``image_size``) when the model's (N, K, ...) logits on one
+    image have fewer classes than the data's labels."""
     expected = input_channels(model)
+    name = source or getattr(model, "chip_arch", None) or type(model).__name__
     if expected is not None and expected != channels:
-        name = source or getattr(model, "chip_arch", None) or type(model).__name__
         raise ChipError(
             f"the data {data} has {channels}-channel images but {name} reads "
             f"{expected} channels; use matching data or a model built for it"
+        )
+    if num_classes is None or image_size is None:
+        return
+    from .utils import eval_mode, example_input
+
+    x = example_input(model, (2, channels, *image_size), zeros=True)
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = model(x)
+    except Exception:  # noqa: BLE001 - a model that cannot run is reported where it runs
+        return
+    if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[1] < num_classes:
+        raise ChipError(
+            f"the data {data} has {num_classes} classes but {name} outputs {out.shape[1]}; "
+            f"use --num-classes {num_classes} (or a checkpoint trained for {num_classes} classes)"
         )
 
 
