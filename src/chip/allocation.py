@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -116,25 +116,37 @@ class Allocation:
         )
 
 
+def rounding(round_to: int | Mapping[str, int], group: ChannelGroup) -> int:
+    """``group``'s ``round_to``: one number for all, or ``{group: step}`` (missing: 1)."""
+    return round_to.get(group.name, 1) if isinstance(round_to, Mapping) else round_to
+
+
 class _Budget:
-    """A ``kind`` ("macs" | "params") budget of ``fraction`` of the unpruned model's count."""
+    """A ``kind`` ("macs" | "params" | "latency") budget of ``fraction`` of the unpruned model's;
+    ``cost(widths)`` is the kept fraction of that count for group widths."""
 
     def __init__(
-        self, kind: str, fraction: float, graph: GroupGraph, counter: WidthCounter, round_to: int
+        self,
+        kind: str,
+        fraction: float,
+        graph: GroupGraph,
+        cost: Callable[[dict[str, int]], float],
+        round_to: int | Mapping[str, int],
     ):
-        self.kind, self.fraction, self.graph, self.counter = kind, fraction, graph, counter
+        self.kind, self.fraction, self.graph, self.cost = kind, fraction, graph, cost
         self.round_to = round_to
-        self.index = 0 if kind == "params" else 1
-        self.base = counter.base_params if kind == "params" else counter.base_macs
+
+    def rt(self, g: ChannelGroup) -> int:
+        return rounding(self.round_to, g)
 
     def kept(self, widths: dict[str, int]) -> float:
-        return self.counter(widths)[self.index] / self.base
+        return self.cost(widths)
 
     def fits(self, widths: dict[str, int]) -> bool:
         return self.kept(widths) <= self.fraction
 
     def step(self, g: ChannelGroup) -> int:
-        return math.lcm(g.step, self.round_to)
+        return math.lcm(g.step, self.rt(g))
 
     def require(self, widths: dict[str, int], what: str) -> None:
         """ChipError unless ``widths`` (the fewest channels ``what`` allows) meet the budget."""
@@ -190,7 +202,7 @@ def _uniform(budget: _Budget, **_) -> tuple[dict[str, int], dict]:
     graph = budget.graph
 
     def widths_at(rate: float) -> dict[str, int]:
-        return {g.name: kept_width(g, rate, budget.round_to) for g in graph}
+        return {g.name: kept_width(g, rate, budget.rt(g)) for g in graph}
 
     lo, hi = 0.0, 1.0 - 1e-9
     if budget.fits(widths_at(lo)):
@@ -248,17 +260,19 @@ def _global(budget: _Budget, scores=None, allocation: Allocation = Allocation(),
             "allocation 'global' ranks channel scores across groups; pass scores "
             "(chip score / chip.score)"
         )
-    graph, rt = budget.graph, budget.round_to
+    graph, rt = budget.graph, budget.rt
     ranked = {}  # group -> normalised scores, descending
     for g in graph:
         if g.name not in getattr(scores, "groups", scores):
             raise ChipError(f"no scores for group {g.name!r}; score the model again (chip score)")
         ranked[g.name] = torch.sort(normalised_scores(scores, g.name), descending=True).values
-    floor = {g.name: g.width(max(1, math.ceil(allocation.floor * g.channels)), rt) for g in graph}
+    floor = {
+        g.name: g.width(max(1, math.ceil(allocation.floor * g.channels)), rt(g)) for g in graph
+    }
 
     def width(g: ChannelGroup, t: float) -> int:
         k = int((ranked[g.name] >= t).sum())
-        return g.channels if k == g.channels else max(floor[g.name], g.width(k, rt))
+        return g.channels if k == g.channels else max(floor[g.name], g.width(k, rt(g)))
 
     def widths_at(t: float) -> dict[str, int]:
         return {g.name: width(g, t) for g in graph}
@@ -350,7 +364,7 @@ def measure_sensitivity(
     scores,
     data,
     allocation: Allocation,
-    round_to: int = 1,
+    round_to: int | Mapping[str, int] = 1,
     progress: bool = True,
 ) -> dict:
     """``{"base_loss", "loss": {group: [[width, loss increase], ...]}, "cached", "seconds"}``.
@@ -376,7 +390,7 @@ def measure_sensitivity(
     trials = []  # (group, width, removed channels)
     for g in graph:
         s = None if group_scores is None else group_scores.get(g.name)
-        for w in _ladder(g, allocation, round_to):
+        for w in _ladder(g, allocation, rounding(round_to, g)):
             keep = set(g.choose(s, w))
             trials.append((g.name, w, [i for i in range(g.channels) if i not in keep]))
 
@@ -444,13 +458,13 @@ def _sensitivity(
     progress: bool = True,
     **_,
 ):
-    graph, rt = budget.graph, budget.round_to
+    graph = budget.graph
     full = {g.name: g.channels for g in graph}
-    smallest = {g.name: (_ladder(g, allocation, rt) or [g.channels])[0] for g in graph}
+    smallest = {g.name: (_ladder(g, allocation, budget.rt(g)) or [g.channels])[0] for g in graph}
     if budget.fits(full):
         return full, {"ladder": list(allocation.ladder)}
     budget.require(smallest, f"the ladder's smallest fraction ({min(allocation.ladder):g})")
-    m = measure_sensitivity(model, graph, scores, data, allocation, rt, progress)
+    m = measure_sensitivity(model, graph, scores, data, allocation, budget.round_to, progress)
     base_count = budget.kept(full)
     curves = {}  # group -> [(width, loss increase, own saving)], the whole width first
     for g in graph:
@@ -511,20 +525,33 @@ def solve(
     fraction: float,
     graph: GroupGraph,
     counter: WidthCounter,
-    round_to: int,
+    round_to: int | Mapping[str, int],
     allocation: Allocation,
+    latency=None,
     **context,
 ) -> tuple[dict[str, int], dict]:
     """Kept widths ``{group: width}`` meeting a ``kind`` budget of ``fraction`` with
     ``allocation``, and the record the plan keeps (``{"name": ..., ...}``).
 
-    ``context``: ``scores`` (``global``, and the order of removal for ``sensitivity``),
-    ``model``, ``data`` and ``progress`` (``sensitivity``).
+    ``round_to``: one step for every group or ``{group: step}``. ``latency``: the
+    :class:`chip.latency.LatencyTable` a ``"latency"`` budget is predicted with. ``context``:
+    ``scores`` (``global``, and the order of removal for ``sensitivity``), ``model``, ``data``
+    and ``progress`` (``sensitivity``).
 
     Raises:
         ChipError: the budget cannot be met (the message says the least reachable fraction),
             or the allocation lacks what it needs (scores, data).
     """
-    budget = _Budget(kind, fraction, graph, counter, round_to)
+    if kind == "latency":
+
+        def cost(widths):
+            return latency.predict(widths) / latency.base_ms
+    else:
+        index, base = (0, counter.base_params) if kind == "params" else (1, counter.base_macs)
+
+        def cost(widths):
+            return counter(widths)[index] / base
+
+    budget = _Budget(kind, fraction, graph, cost, round_to)
     widths, record = _SOLVERS[allocation.name](budget, allocation=allocation, **context)
     return widths, {"name": allocation.name, **record}

@@ -12,8 +12,10 @@ so the caller's model is never modified.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +26,15 @@ from chip.counting import check_input_size, on_device
 from chip.errors import ChipError
 from chip.utils import AMP_DTYPES, device_dtype, eval_mode
 
-__all__ = ["LatencyResult", "measure_latency"]
+__all__ = [
+    "LatencyResult",
+    "LatencyTable",
+    "detect_step",
+    "latency_table",
+    "measure_latency",
+    "measure_table",
+    "table_key",
+]
 
 _SEED = 0
 
@@ -180,3 +190,233 @@ def measure_latency(
         device=str(dev),
         threads=torch.get_num_threads(),
     )
+
+
+# -- latency cost model: measured time saved per (group, kept width) -------------------------------
+
+_STEPS = (2, 4, 8, 16, 32, 64)  # channel steps round_to="auto" considers
+_STEP_TOLERANCE = 0.25  # within a block: at most this share of the jump between blocks
+_FINE = 33  # widths measured one step apart below each group's full width (step detection)
+_TIMED = (nn.modules.conv._ConvNd, nn.Linear)  # the layers the table times
+
+
+def _layer_time(module: nn.Module, shape: tuple[int, ...], out_c: int, in_c: int) -> float:
+    """Median ms of ``module``'s operation with ``out_c`` output and ``in_c`` input channels on a
+    random input shaped like ``shape`` (its channel dim replaced), weights sliced; warm-up first."""
+    device = module.weight.device
+    dtype = module.weight.dtype
+    depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels
+    groups = in_c if depthwise else module.groups
+    x = torch.randn((shape[0], in_c, *shape[2:]), device=device, dtype=dtype)
+    w = module.weight.detach()[:out_c, : in_c // groups if not depthwise else 1]
+    if isinstance(module, nn.Linear):
+        x = torch.randn((*shape[:-1], in_c), device=device, dtype=dtype)
+        w = module.weight.detach()[:out_c, :in_c]
+
+        def run():
+            return torch.nn.functional.linear(x, w)
+    else:
+        conv = getattr(torch.nn.functional, f"conv{w.dim() - 2}d")
+        kw = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+
+        def run():
+            return conv(x, w, None, groups=groups, **kw)
+
+    timer = _TIMERS.get(device.type, _cpu_timer)
+    with torch.inference_mode():
+        for _ in range(2):
+            run()
+        times = [timer(run) for _ in range(5)]
+    return float(np.median(times))
+
+
+@dataclass
+class LatencyTable:
+    """Measured latency of every conv/linear layer at the widths of the groups it touches.
+
+    ``layers[name]`` is ``{"ms": time whole, "sides": [[group, [[width, ms], ...]], ...]}``: for
+    each group the layer writes or reads, its time with that group at each measured width (the
+    rest whole). ``base_ms`` is the whole unpruned model's latency, ``steps[group]`` the channel
+    step at which the group's layers' time actually drops (1: every channel), ``key`` what the
+    table is valid for (:func:`table_key`).
+
+    A plan's latency is predicted as ``base_ms - sum(ms) + sum(ms * prod(side ratios))``: each
+    layer's time scales by the measured ratio of each side it touches (exact when time is a
+    product of an output-width and an input-width term, as for compute-bound convolutions); the
+    other operations keep their time. :func:`chip.plan` reports the prediction; compare it with
+    :func:`measure_latency` of the pruned model.
+    """
+
+    base_ms: float
+    layers: dict[str, dict]
+    steps: dict[str, int]
+    key: dict
+
+    def predict(self, widths: Mapping[str, int]) -> float:
+        """Predicted ms of the model with these group widths (groups not named stay whole)."""
+        total = self.base_ms
+        for layer in self.layers.values():
+            scale = 1.0
+            for group, curve in layer["sides"]:
+                if group in widths and layer["ms"] > 0:
+                    w, t = zip(*curve)
+                    scale *= float(np.interp(widths[group], w, t)) / layer["ms"]
+            total -= layer["ms"] * (1.0 - scale)
+        return total
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_step(widths: Sequence[int], times: Sequence[float], channels: int, unit: int = 1) -> int:
+    """The largest channel step ``s`` (a multiple of ``unit`` among 2, 4, ..., 64, else ``unit``)
+    at which the measured ``times`` are flat between multiples: every measured width ``w`` takes
+    the time of the next multiple ``ceil(w / s) * s`` (when measured) within a quarter of the
+    median jump between consecutive measured multiples. A curve that falls with every channel
+    (a linear one) gives ``unit``."""
+    t = dict(zip(widths, times))
+    best = unit
+    for s in _STEPS:
+        if s % unit or s >= channels:
+            continue
+        pairs = [(w, -(-w // s) * s) for w in t if -(-w // s) * s in t and w % s]
+        multiples = sorted(w for w in t if w % s == 0)
+        jumps = [abs(t[b] - t[a]) for a, b in zip(multiples, multiples[1:]) if b - a == s]
+        if not pairs or not jumps:
+            continue
+        jump = float(np.median(jumps))
+        if jump > 0 and all(abs(t[w] - t[up]) <= _STEP_TOLERANCE * jump for w, up in pairs):
+            best = s
+    return best
+
+
+def _channels(module: nn.Module) -> tuple[int, int]:
+    """(output, input) channels of a conv or linear layer."""
+    out_c = getattr(module, "out_channels", getattr(module, "out_features", 0))
+    return out_c, getattr(module, "in_channels", getattr(module, "in_features", 0))
+
+
+def _group_widths(group, channels: int) -> list[int]:
+    """Widths a group is timed at: the top ``_FINE`` steps, then a coarse grid down to one step."""
+    step = group.step
+    fine = {channels - i * step for i in range(_FINE) if channels - i * step >= step}
+    grid = max(step, (channels // 16) // step * step)
+    return sorted(fine | set(range(step, channels + 1, grid)) | {channels})
+
+
+def measure_table(
+    model: nn.Module,
+    graph,
+    input_size,
+    *,
+    time_layer: Callable[[nn.Module, tuple, int, int], float] | None = None,
+    base_ms: float | None = None,
+) -> LatencyTable:
+    """Time every conv/linear layer of every group at the group's candidate widths.
+
+    Args:
+        model: the unpruned model, on the device (and with the threads) to measure on.
+        graph: its :func:`chip.groups.find_groups` result.
+        input_size: (batch, C, H, W) the latency is for.
+        time_layer: ms of one layer at (output, input) channels on an input shaped like the
+            given one (default: :func:`_layer_time`, real timing; tests pass a fake).
+        base_ms: the whole model's latency (default: :func:`measure_latency` of it; with a
+            ``time_layer`` given, the sum of its times of every conv/linear layer).
+    """
+    if base_ms is None and time_layer is not None:
+        base_ms = -1.0  # summed below, once the layers' input shapes are known
+    time_layer = time_layer or _layer_time
+    shapes: dict[str, tuple[int, ...]] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def record(module, inputs):
+        shapes.setdefault(names[module], tuple(inputs[0].shape))
+
+    layers = [m for m in model.modules() if isinstance(m, _TIMED)]
+    handles = [m.register_forward_pre_hook(record) for m in layers]
+    try:
+        dev, dtype = device_dtype(model)
+        with torch.inference_mode(), eval_mode(model):
+            model(_make_input(check_input_size(input_size), dev, dtype, None))
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    table: dict[str, dict] = {}
+    steps = {}
+    for g in graph:
+        widths = _group_widths(g, g.channels)
+        total = dict.fromkeys(widths, 0.0)
+        for member in g.members:
+            module = modules.get(member.name)
+            if member.name not in shapes or not isinstance(module, _TIMED):
+                continue
+            out_c, in_c = _channels(module)
+            per = member.index.shape[1]  # a flatten spreads a channel over `per` features
+            layer = table.setdefault(member.name, {"ms": None, "sides": []})
+            curve = []
+            for w in widths:
+                removed = (g.channels - w) * per
+                if member.kind == "out":
+                    depthwise = getattr(module, "groups", 1) == in_c == out_c
+                    args = (out_c - removed, in_c - removed if depthwise else in_c)
+                else:
+                    args = (out_c, in_c - removed)
+                ms = time_layer(module, shapes[member.name], *args)
+                curve.append([w, ms])
+                total[w] += ms
+            layer["ms"] = curve[-1][1]  # the whole width is measured last
+            layer["sides"].append([g.name, curve])
+        steps[g.name] = detect_step(widths, [total[w] for w in widths], g.channels, g.step)
+    if base_ms is None:
+        base_ms = measure_latency(model, input_size, warmup=3, repeats=10).median_ms
+    elif base_ms == -1.0:
+        base_ms = sum(
+            time_layer(m, shapes[n], *_channels(m)) for n, m in modules.items() if n in shapes
+        )
+    key = {
+        "input_size": list(input_size),
+        "device": str(device_dtype(model)[0]),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return LatencyTable(base_ms, table, steps, key)
+
+
+def table_key(model: nn.Module, input_size, time_layer=None) -> dict:
+    """What a :class:`LatencyTable` is valid for: the model's layer shapes, the input size with
+    its batch, the device, the thread count, the torch version (and a non-default timer)."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+    return {
+        "model": h.hexdigest()[:24],
+        "input_size": [int(n) for n in input_size],
+        "device": str(device_dtype(model)[0]),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timer": getattr(time_layer, "__qualname__", "default"),
+    }
+
+
+def latency_table(model: nn.Module, graph, input_size, *, time_layer=None) -> LatencyTable:
+    """:func:`measure_table`, cached on disk (``chip.allocation.cache_dir()``) under
+    :func:`table_key`: a table measured once is reused until one of its keys changes."""
+    from .allocation import cache_dir
+    from .utils import atomic_write
+
+    key = table_key(model, input_size, time_layer)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_dir() / f"latency-{digest}.json"
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            return LatencyTable(d["base_ms"], d["layers"], d["steps"], d["key"])
+        except (OSError, KeyError, TypeError, json.JSONDecodeError):
+            pass  # measured again and rewritten
+    table = measure_table(model, graph, input_size, time_layer=time_layer)
+    table.key = key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as f:
+        json.dump(table.to_dict(), f)
+    return table

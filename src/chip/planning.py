@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .allocation import Allocation, kept_width, solve
+from .allocation import Allocation, kept_width, rounding, solve
 from .counting import CONVENTION, WidthCounter
 from .errors import ChipError, ChipWarning
 from .groups import ChannelGroup, GroupGraph, find_groups
@@ -334,12 +334,14 @@ def plan(
     scores=None,
     target=0.5,
     *,
-    round_to: int = 1,
+    round_to: int | str = 1,
     input_size=None,
     graph: GroupGraph | None = None,
     allocation: str | Allocation = "uniform",
     data=None,
     progress: bool = True,
+    latency_batch: int = 1,
+    time_layer=None,
 ) -> PruningPlan:
     """Turn channel scores and a target into a :class:`PruningPlan` (see the module docstring).
 
@@ -347,7 +349,9 @@ def plan(
         model: the unpruned model (zoo models carry ``chip_arch``, needed for sparsity strings).
         scores: :class:`chip.ChannelScores` (or ``{group: tensor}``); ``None`` keeps the first k.
         target: sparsity string, uniform rate, ``{layer: rate}`` mapping or ``"flops=0.5"`` budget.
-        round_to: kept widths become multiples of this (hardware-friendly shapes).
+        round_to: kept widths become multiples of this (hardware-friendly shapes); ``"auto"``:
+            per group, the channel step at which the measured latency drops
+            (:func:`chip.latency.detect_step`).
         input_size: example input (N, C, H, W) for tracing and counting; default: the size the
             model's source declares (zoo, timm), else a :class:`ChipError`.
         allocation: how a budget target is spread over the groups: ``"uniform"``,
@@ -356,6 +360,10 @@ def plan(
         data: ``(inputs, targets)`` batches ``sensitivity`` measures on (e.g. the calibration
             loader); the model runs on the device of its parameters.
         progress: show a progress bar over ``sensitivity``'s evaluations.
+        latency_batch: the batch size a ``latency=`` target and ``round_to="auto"`` are
+            measured at, on the device of the model's parameters and with torch's current
+            thread count (:func:`chip.latency.latency_table`, cached on disk).
+        time_layer: replaces the layer timer (tests).
 
     Raises:
         ChipError: a target or allocation that does not fit the model or cannot be met,
@@ -371,8 +379,10 @@ def plan(
         )
     arch = getattr(model, "chip_arch", None)
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
-    if not _is_int(round_to) or round_to < 1:
-        raise ChipError(f"round_to must be a positive integer, got {round_to!r}")
+    if round_to != "auto" and (not _is_int(round_to) or round_to < 1):
+        raise ChipError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
+    if not _is_int(latency_batch) or latency_batch < 1:
+        raise ChipError(f"latency_batch must be a positive integer, got {latency_batch!r}")
     if graph is None:
         graph = find_groups(model, example_input(model, input_size, zeros=True))
     _warn_skipped(graph)
@@ -380,6 +390,14 @@ def plan(
     if counter is None or counter.input_size != tuple(input_size)[1:]:
         counter = WidthCounter(model, graph, input_size)
     record: dict[str, Any] = {}
+    table = None
+    if round_to == "auto" or (kind == "budget" and value[0] == "latency"):
+        from .latency import latency_table
+
+        size = (latency_batch, *input_size[1:])
+        table = latency_table(model, graph, size, time_layer=time_layer)
+        if round_to == "auto":
+            round_to = dict(table.steps)
     if kind == "budget":
         widths, record = solve(
             *value,
@@ -387,6 +405,7 @@ def plan(
             counter,
             round_to,
             allocation,
+            latency=table,
             scores=scores,
             model=model,
             data=data,
@@ -398,8 +417,11 @@ def plan(
             "uniform": lambda: {g.name: value for g in graph},
             "layers": lambda: _layer_rates(value, graph),
         }[kind]()
-        widths = {g.name: kept_width(g, rates.get(g.name, 0.0), round_to) for g in graph}
-        _warn_rounded_away(graph, rates, widths, round_to)
+        widths = {
+            g.name: kept_width(g, rates.get(g.name, 0.0), rounding(round_to, g)) for g in graph
+        }
+        if _is_int(round_to):
+            _warn_rounded_away(graph, rates, widths, round_to)
 
     group_scores = getattr(scores, "groups", scores)
     groups = {}
@@ -415,6 +437,16 @@ def plan(
         groups[g.name] = GroupPlan(g.channels, g.choose(s, widths[g.name]))
 
     stats = count_stats(counter, *counter(widths))
+    if table is not None:
+        stats["latency"] = {
+            "predicted_ms": table.predict(widths),
+            "base_ms": table.base_ms,
+            "device": table.key["device"],
+            "threads": table.key["threads"],
+            "batch": table.key["input_size"][0],
+        }
+    if isinstance(round_to, dict):
+        stats["round_to"] = {g.name: round_to.get(g.name, 1) for g in graph}
     if kind == "budget":
         stats.update(budget_kind=value[0], budget=value[1])
         if "uniform_rate" in record:

@@ -65,8 +65,9 @@ def parse_sparsity(text: str) -> list[float]:
     return rates
 
 
-_BUDGET = re.compile(r"\s*(flops|macs|params)\s*=\s*(\S+)\s*")
-_BUDGET_KINDS = {"flops": "macs", "macs": "macs", "params": "params"}  # the paper's FLOPs are MACs
+_BUDGET = re.compile(r"\s*(flops|macs|params|latency)\s*=\s*(\S+)\s*")
+# the paper's FLOPs are MACs; latency: of the unpruned model's, measured (chip.latency)
+_BUDGET_KINDS = {"flops": "macs", "macs": "macs", "params": "params", "latency": "latency"}
 
 
 def _budget(name: str, fraction) -> tuple[str, float]:

@@ -1,0 +1,116 @@
+"""The latency cost model (chip.latency: measure_table, detect_step, latency_table) and latency
+budgets / round_to="auto" in chip.plan, with a fake layer timer: no wall-clock assertions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import chip
+from chip.errors import ChipError
+from chip.latency import detect_step, latency_table, measure_table, table_key
+from chip.models import create
+from chip.planning import plan
+
+pytestmark = pytest.mark.filterwarnings("ignore::chip.errors.ChipWarning")
+
+
+def blocked(module, shape, out_c, in_c):
+    """A oneDNN-like fake: time grows with the 8-channel blocks of both sides."""
+    hw = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return shape[0] * hw * math.ceil(out_c / 8) * math.ceil(in_c / 8) * 1e-4
+
+
+def smooth(module, shape, out_c, in_c):
+    hw = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return shape[0] * hw * out_c * in_c * 1e-6
+
+
+@pytest.mark.parametrize("step", [1, 2, 8, 16])
+def test_detect_step_on_a_step_shaped_curve(step):
+    widths = list(range(1, 65))
+    times = [math.ceil(w / step) * 0.5 + 1.0 for w in widths]
+    assert detect_step(widths, times, 64) == step
+
+
+def test_detect_step_respects_the_group_unit_and_noise():
+    widths = list(range(2, 65, 2))
+    times = [math.ceil(w / 8) * (1 + 0.01 * (w % 3)) for w in widths]  # 8-steps, 2 % noise
+    assert detect_step(widths, times, 64, unit=2) == 8
+    assert detect_step([4, 8, 12, 16], [1.0, 1.0, 2.0, 2.0], 16, unit=4) == 8
+
+
+def test_table_of_a_blocked_timer_finds_8_channel_steps_and_round_to_auto_uses_them():
+    model = create("resnet20", num_classes=4).eval()
+    graph = chip.find_groups(model, torch.zeros(1, 3, 16, 16))
+    table = measure_table(model, graph, (1, 3, 16, 16), time_layer=blocked)
+    assert set(table.steps) == {g.name for g in graph}
+    assert all(s == 8 for s in table.steps.values())
+    assert table.predict({}) == pytest.approx(table.base_ms)
+    p = plan(model, None, "flops=0.5", round_to="auto", input_size=(1, 3, 16, 16),
+             time_layer=blocked)  # fmt: skip
+    assert all(w % 8 == 0 for w in p.widths().values())
+    assert p.stats["round_to"] == table.steps and p.stats["macs_kept"] <= 0.5
+    smooth_table = measure_table(model, graph, (1, 3, 16, 16), time_layer=smooth)
+    assert all(s == 1 for s in smooth_table.steps.values())
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_latency_budget_is_met_on_the_table(allocation):
+    model = create("resnet20", num_classes=4).eval()
+    x = torch.randn(16, 3, 16, 16)
+    scores = chip.calibrate(model, [x[:8], x[8:]], num_batches=2, progress=False)
+    p = plan(model, scores, "latency=0.6", input_size=(1, 3, 16, 16), time_layer=smooth,
+             allocation=allocation, latency_batch=4)  # fmt: skip
+    lat = p.stats["latency"]
+    assert 0.59 <= lat["predicted_ms"] / lat["base_ms"] <= 0.6
+    assert lat["batch"] == 4 and lat["threads"] == torch.get_num_threads()
+    # the prediction against the fake timer summed over the pruned model's layers: exact, since
+    # the fake is a product of an output and an input term (as the table's model assumes)
+    pruned = chip.apply(model, p)
+    truth = measure_table(pruned, chip.find_groups(pruned, torch.zeros(1, 3, 16, 16)),
+                          (4, 3, 16, 16), time_layer=smooth).base_ms  # fmt: skip
+    assert truth == pytest.approx(lat["predicted_ms"], rel=1e-9)
+
+
+def test_latency_table_cache_keys(monkeypatch):
+    model = create("resnet20", num_classes=4).eval()
+    graph = chip.find_groups(model, torch.zeros(1, 3, 8, 8))
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return smooth(*args)
+
+    latency_table(model, graph, (1, 3, 8, 8), time_layer=counting)
+    assert calls
+    calls.clear()
+    latency_table(model, graph, (1, 3, 8, 8), time_layer=counting)
+    assert calls == []  # hit
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(before + 1)
+        latency_table(model, graph, (1, 3, 8, 8), time_layer=counting)
+    finally:
+        torch.set_num_threads(before)
+    assert calls  # another thread count is a miss
+    base = table_key(model, (1, 3, 8, 8))
+    assert table_key(model.to("meta"), (1, 3, 8, 8))["device"] == "meta" != base["device"]
+    assert table_key(create("resnet20", num_classes=4), (2, 3, 8, 8)) != base
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target": "latency=1.5"}, "budget latency='1.5': expected a fraction"),
+        ({"target": "latency=0.5", "latency_batch": 0}, "latency_batch must be a positive"),
+        ({"round_to": "fast"}, "round_to must be a positive integer or 'auto'"),
+    ],
+)
+def test_bad_latency_input_is_one_line(kwargs, message):
+    model = create("resnet20", num_classes=4)
+    kwargs = {"target": "flops=0.5", **kwargs}
+    with pytest.raises(ChipError, match=message):
+        plan(model, None, input_size=(1, 3, 8, 8), time_layer=smooth, **kwargs)
