@@ -3,6 +3,7 @@ budgets / round_to="auto" in chip.plan, with a fake layer timer: no wall-clock a
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -114,3 +115,56 @@ def test_bad_latency_input_is_one_line(kwargs, message):
     kwargs = {"target": "flops=0.5", **kwargs}
     with pytest.raises(ChipError, match=message):
         plan(model, None, input_size=(1, 3, 8, 8), time_layer=smooth, **kwargs)
+
+
+# -- command line (real timing of tiny layers; only shapes and fields are checked) ---------------
+
+
+def test_cli_plan_with_a_latency_target_prints_and_writes_latency(capsys, tmp_path):
+    from chip import cli
+
+    code = cli.main(["plan", "--arch", "resnet20", "--input-size", "3,8,8", "--latency", "0.7",
+                     "--round-to", "auto", "--json", "--quiet", "--threads", "1"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["batch"] == 1 and out["threads"] == 1 and out["device"] == "cpu"
+    assert out["latency_ms"] <= 0.7 * out["base_latency_ms"] + 1e-9
+    code = cli.main(["plan", "--arch", "resnet20", "--input-size", "3,8,8", "--flops", "0.5",
+                     "--round-to", "auto", "--quiet"])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0 and "round to auto" in text and "ms predicted" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--latency", "0.5", "--device", "cuda"], "device 'cuda' is not available"),
+        (["--latency", "1.5"], "budget latency=1.5: expected a fraction"),
+        (["--flops", "0.5", "--round-to", "fast"], "expected an integer >= 1, got 'fast'"),
+        (["--latency", "0.5", "--latency-batch", "0"], "expected an integer >= 1, got '0'"),
+    ],
+)
+def test_cli_bad_latency_flags_exit_2(capsys, tmp_path, argv, message):
+    from chip import cli
+
+    out = tmp_path / "p.json"
+    code = cli.main(
+        ["plan", "--arch", "resnet20", "--input-size", "3,8,8", *argv, "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_config_takes_latency_targets_and_round_to_auto():
+    from helpers import TINY_RUN
+
+    from chip import config
+
+    cfg = json.loads(json.dumps(TINY_RUN))
+    cfg["target"] = {"latency": 0.5, "round_to": "auto"}
+    cfg["plan"] = {"latency_batch": 8}
+    full = config.validate_config(cfg)
+    assert config.resolve_target(full["target"]) == {"latency": 0.5}
+    cfg["target"]["round_to"] = "fast"
+    with pytest.raises(ChipError, match="must be an integer >= 1 or 'auto', got 'fast'"):
+        config.validate_config(cfg)

@@ -106,7 +106,7 @@ def add_data_args(
         add_option(g, OPTIONS["data.batch_size"], default=batch_size)
 
 
-_TARGET_KINDS = ("sparsity", "rate", "flops", "params", "layers")
+_TARGET_KINDS = ("sparsity", "rate", "flops", "params", "latency", "layers")
 
 
 def add_target_args(parser: argparse.ArgumentParser, plan_file: bool = False) -> None:
@@ -460,7 +460,7 @@ def _plan_target(args: argparse.Namespace):
         if not layers:
             raise ChipError(f"layers file {args.layers} is empty; expected {{layer name: rate}}")
         return resolve_target({"layers": layers})
-    kinds = ("sparsity", "rate", "flops", "params")
+    kinds = ("sparsity", "rate", "flops", "params", "latency")
     return resolve_target({k: getattr(args, k) for k in kinds})
 
 
@@ -484,6 +484,7 @@ def add_allocation_args(parser: argparse.ArgumentParser, recalibrate: bool = Fal
     """--allocation [--recalibrate-bn], the data they read, and the common flags."""
     g = parser.add_argument_group("allocation")
     add_option(g, OPTIONS["plan.allocation"])
+    add_option(g, OPTIONS["plan.latency_batch"])
     if recalibrate:
         add_option(g, OPTIONS["prune.recalibrate_bn"])
     needs = "--allocation sensitivity" + (" and --recalibrate-bn" if recalibrate else "")
@@ -508,6 +509,10 @@ def _check_allocation_args(args: argparse.Namespace, command: str) -> None:
             )
     else:
         check_allocation(args.allocation, _plan_target(args))
+    if args.allocation == "sensitivity" or _measures_latency(args):
+        from chip.utils import resolve_device
+
+        resolve_device(args.device)  # the device the measurements run on exists
     needs = [f"--allocation {args.allocation}"] if args.allocation == "sensitivity" else []
     if getattr(args, "recalibrate_bn", 0):
         needs.append("--recalibrate-bn")
@@ -515,6 +520,46 @@ def _check_allocation_args(args: argparse.Namespace, command: str) -> None:
         raise ChipError(
             f"{command}: {' and '.join(needs)} needs --data (it runs the model on training batches)"
         )
+
+
+def _measures_latency(args: argparse.Namespace) -> bool:
+    """Whether planning measures latency (a --latency target or --round-to auto)."""
+    return getattr(args, "latency", None) is not None or args.round_to == "auto"
+
+
+def _latency_lines(p, measured: tuple[float, float] | None = None) -> list[str]:
+    """Predicted (and measured: base, pruned ms) latency of a plan that has a latency table."""
+    lat = p.stats.get("latency")
+    if lat is None:
+        return []
+    where = f"batch {lat['batch']}, {lat['device']}, {lat['threads']} threads"
+    base, pred = lat["base_ms"], lat["predicted_ms"]
+    lines = [f"latency {base:.3f} ms -> {pred:.3f} ms predicted ({pred / base:.3f}) [{where}]"]
+    if measured is not None:
+        m0, m1 = measured
+        lines.append(
+            f"latency {m0:.3f} ms -> {m1:.3f} ms measured ({m1 / m0:.3f}); prediction error "
+            f"{(pred - m1) / m1:+.1%}"
+        )
+    return lines
+
+
+def _measured_latency(model, pruned, p, device) -> tuple[float, float] | None:
+    """(unpruned, pruned) median ms at the plan's latency batch, interleaved (None: the plan
+    has no latency table)."""
+    lat = p.stats.get("latency")
+    if lat is None:
+        return None
+    from chip.latency import measure_latency
+    from chip.utils import resolve_device
+
+    size = (lat["batch"], *p.input_size[1:])
+    device = resolve_device(device)
+    rounds = [[], []]
+    for _ in range(3):  # interleaved rounds damp drift on a shared machine
+        for i, m in enumerate((model, pruned)):
+            rounds[i].append(measure_latency(m, size, device=device, repeats=10).median_ms)
+    return tuple(sorted(r)[1] for r in rounds)
 
 
 def _model_and_data(args: argparse.Namespace):
@@ -533,19 +578,22 @@ def _make_plan(args: argparse.Namespace, model: nn.Module, scores, size, train=N
     from chip.utils import resolve_device
 
     allocation, data = Allocation(args.allocation, seed=args.seed), None
-    if allocation.name == "sensitivity":  # measured on --device, the model then back on the CPU
+    target = _plan_target(args)
+    if allocation.name == "sensitivity":
         data = calibration_loader(train, allocation.batches, args.batch_size, args.seed)
-        model.to(resolve_device(args.device))
+    if allocation.name == "sensitivity" or _measures_latency(args):
+        model.to(resolve_device(args.device))  # measured on --device, then back on the CPU
     try:
         return plan(
             model,
             scores,
-            _plan_target(args),
+            target,
             round_to=args.round_to,
             input_size=size,
             allocation=allocation,
             data=data,
             progress=not args.quiet,
+            latency_batch=args.latency_batch,
         )
     finally:
         model.cpu()
@@ -605,15 +653,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "skipped": p.skipped,
             "allocation": p.allocation,
         }
+        if "latency" in s:
+            lat = s["latency"]
+            obj.update(
+                latency_ms=lat["predicted_ms"],
+                base_latency_ms=lat["base_ms"],
+                device=lat["device"],
+                threads=lat["threads"],
+                batch=lat["batch"],
+            )
         print(json.dumps(obj))
         return 0
     lines = [
         f"{_model_name(args, model)}, target {p.target}"
-        + (f", round to {args.round_to}" if args.round_to > 1 else "")
+        + (f", round to {args.round_to}" if args.round_to != 1 else "")
     ]
     lines += p.table().splitlines()
     lines += _allocation_lines(p)
     lines += _counts_lines(s["base_params"], s["base_macs"], s["params"], s["macs"], size)
+    lines += _latency_lines(p)
     if args.out is not None:
         lines.append(f"plan written to {args.out}")
     print("\n".join(lines))
@@ -692,6 +750,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.recalibrate_bn:
         lines.append(f"BatchNorm statistics re-estimated on {args.recalibrate_bn} batches")
     lines += _counts_lines(base.params, base.macs, after.params, after.macs, size)
+    lines += _latency_lines(p, _measured_latency(model, pruned, p, args.device))
     print("\n".join(lines))
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChipError
-from .options import OPTIONS, TRAIN_OPTIONS, Option, config_types
+from .options import OPTIONS, TRAIN_OPTIONS, Option, check_round_to, config_types
 
 __all__ = [
     "REQUIRED",
@@ -115,6 +115,10 @@ def _check_value(key: str, value: Any, option: Option) -> None:
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise ChipError(f"config key {key!r} must be {_type_names(types)}, got {value!r}")
     if value is None:
+        return
+    if option.kind == "round":
+        if not check_round_to(value):
+            raise ChipError(f"config key {key!r} must be an integer >= 1 or 'auto', got {value!r}")
         return
     if option.minimum is not None and value < option.minimum:
         raise ChipError(f"config key {key!r} must be >= {option.minimum:g}, got {value!r}")
@@ -234,6 +238,7 @@ TARGET_KINDS: dict[str, Callable[[Any], Any]] = {
     "rate": float,
     "flops": lambda v: {"flops": v},
     "params": lambda v: {"params": v},
+    "latency": lambda v: {"latency": v},
     "layers": dict,
 }
 

@@ -203,19 +203,19 @@ _TIMED = (nn.modules.conv._ConvNd, nn.Linear)  # the layers the table times
 def _layer_time(module: nn.Module, shape: tuple[int, ...], out_c: int, in_c: int) -> float:
     """Median ms of ``module``'s operation with ``out_c`` output and ``in_c`` input channels on a
     random input shaped like ``shape`` (its channel dim replaced), weights sliced; warm-up first."""
-    device = module.weight.device
-    dtype = module.weight.dtype
-    depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels
-    groups = in_c if depthwise else module.groups
-    x = torch.randn((shape[0], in_c, *shape[2:]), device=device, dtype=dtype)
-    w = module.weight.detach()[:out_c, : in_c // groups if not depthwise else 1]
+    weight = module.weight.detach()
+    device, dtype = weight.device, weight.dtype
     if isinstance(module, nn.Linear):
         x = torch.randn((*shape[:-1], in_c), device=device, dtype=dtype)
-        w = module.weight.detach()[:out_c, :in_c]
+        w = weight[:out_c, :in_c]
 
         def run():
             return torch.nn.functional.linear(x, w)
     else:
+        depthwise = module.groups == module.in_channels == module.out_channels
+        groups = in_c if depthwise else module.groups
+        x = torch.randn((shape[0], in_c, *shape[2:]), device=device, dtype=dtype)
+        w = weight[:out_c, : 1 if depthwise else in_c // groups]
         conv = getattr(torch.nn.functional, f"conv{w.dim() - 2}d")
         kw = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
 
@@ -350,6 +350,8 @@ def measure_table(
         for member in g.members:
             module = modules.get(member.name)
             if member.name not in shapes or not isinstance(module, _TIMED):
+                continue
+            if getattr(module, "transposed", False):  # its time stays with the rest
                 continue
             out_c, in_c = _channels(module)
             per = member.index.shape[1]  # a flatten spreads a channel over `per` features

@@ -201,6 +201,13 @@ _ENTRIES = [
     Option("target.flops", "--flops", "float", None, "fraction of the baseline MACs to keep"),
     Option("target.params", "--params", "float", None, "fraction of the baseline params to keep"),
     Option(
+        "target.latency",
+        "--latency",
+        "float",
+        None,
+        "fraction of the baseline latency to keep, measured on --device at --latency-batch",
+    ),
+    Option(
         "target.layers",
         "--layers",
         "layers",
@@ -210,11 +217,13 @@ _ENTRIES = [
     Option(
         "target.round_to",
         "--round-to",
-        "int",
+        "round",
         1,
-        "kept widths become multiples of N",
+        "kept widths become multiples of N; auto: per group, the channel step at which the "
+        "measured latency drops",
         minimum=1,
         nullable=False,
+        metavar="N|auto",
     ),
     Option(
         "plan.allocation",
@@ -224,6 +233,15 @@ _ENTRIES = [
         "how a flops=/params= budget is spread over the groups: uniform (one rate), global (one "
         "ranking of normalised scores) or sensitivity (measured loss per group width; needs data)",
         choices=ALLOCATIONS,
+        nullable=False,
+    ),
+    Option(
+        "plan.latency_batch",
+        "--latency-batch",
+        "int",
+        1,
+        "batch size latency targets and --round-to auto are measured at",
+        minimum=1,
         nullable=False,
     ),
     Option(
@@ -290,6 +308,7 @@ _TYPES = {
     "mapping": (dict,),
     "layers": (dict,),
     "list": (list, tuple),
+    "round": (int, str),
 }
 
 
@@ -333,6 +352,19 @@ def _key_values(text: str) -> dict[str, Any]:
     return dict(_key_value(part) for part in text.split(",") if part.strip())
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    return _number(int, 1)(text)
+
+
+def check_round_to(value) -> bool:
+    """Whether ``value`` is a valid round_to: an integer >= 1 or ``"auto"``."""
+    if isinstance(value, str):
+        return value == "auto"
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
@@ -371,6 +403,7 @@ def add_option(
             "path": Path,
             "layers": Path,
             "list": _int_list,
+            "round": _round_to,
         }.get(option.kind)
         if parse is not None:
             kwargs["type"] = parse

@@ -222,8 +222,11 @@ def stage_plan(ctx: RunContext) -> dict:
     t = ctx.cfg["target"]
     allocation = Allocation(ctx.cfg["plan"]["allocation"], seed=ctx.cfg["seed"])
     model, data = ctx.baseline_model(), None
-    if allocation.name == "sensitivity":  # measured on the run's device
-        model, data = model.to(ctx.device), ctx.calibration_loader(allocation.batches)
+    if allocation.name == "sensitivity":
+        data = ctx.calibration_loader(allocation.batches)
+    latency = t.get("latency") is not None or t["round_to"] == "auto"
+    if allocation.name == "sensitivity" or latency:  # measured on the run's device
+        model = model.to(ctx.device)
     t0 = time.perf_counter()
     p = plan(
         model,
@@ -234,6 +237,7 @@ def stage_plan(ctx: RunContext) -> dict:
         allocation=allocation,
         data=data,
         progress=ctx.progress,
+        latency_batch=ctx.cfg["plan"]["latency_batch"],
     )
     p.save(ctx.out_dir / "plan.json")
     return {
@@ -437,6 +441,7 @@ def preflight(ctx: RunContext) -> None:
             round_to=cfg["target"]["round_to"],
             input_size=ctx.input_size,
             graph=_static_graph(model, ctx.input_size),
+            latency_batch=cfg["plan"]["latency_batch"],
         )
 
 
