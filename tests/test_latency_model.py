@@ -168,3 +168,22 @@ def test_config_takes_latency_targets_and_round_to_auto():
     cfg["target"]["round_to"] = "fast"
     with pytest.raises(ChipError, match="must be an integer >= 1 or 'auto', got 'fast'"):
         config.validate_config(cfg)
+
+
+def test_prediction_scales_the_other_operations_with_the_kept_activations():
+    from chip.latency import LatencyTable
+
+    layers = {"conv": {"ms": 4.0, "sides": [["g", [[2, 1.0], [4, 4.0]]]]}}
+    rest = {"half_widths": {"g": 2, "h": 4}, "weights": {"g": [300, 4], "h": [100, 8]},
+            "half_ms": 5.0}  # fmt: skip
+    table = LatencyTable(10.0, layers, {"g": 1}, {}, rest)
+    rest["a_half"] = table._kept_activations(rest["half_widths"])
+    assert rest["a_half"] == pytest.approx((150 + 50) / 400)
+    # whole: 6 ms of other operations; at the half widths: 5 - 1 = 4 ms; linear in between
+    assert table.predict({}) == pytest.approx(10.0)
+    assert table.predict({"g": 2, "h": 4}) == pytest.approx(5.0)
+    assert table.predict({"g": 2}) == pytest.approx(6.0 - 2.0 * 0.375 / 0.5 + 1.0)
+    a = (300 * 3 / 4 + 100 * 4 / 8) / 400
+    expected_rest = 6.0 + (6.0 - 4.0) * (a - 1.0) / (1.0 - rest["a_half"])
+    assert table.predict({"g": 3, "h": 4}) == pytest.approx(expected_rest + 2.5)
+    assert LatencyTable(10.0, layers, {}, {}).predict({"g": 2}) == pytest.approx(7.0)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -240,29 +240,48 @@ class LatencyTable:
     step at which the group's layers' time actually drops (1: every channel), ``key`` what the
     table is valid for (:func:`table_key`).
 
-    A plan's latency is predicted as ``base_ms - sum(ms) + sum(ms * prod(side ratios))``: each
-    layer's time scales by the measured ratio of each side it touches (exact when time is a
-    product of an output-width and an input-width term, as for compute-bound convolutions); the
-    other operations keep their time. :func:`chip.plan` reports the prediction; compare it with
-    :func:`measure_latency` of the pruned model.
+    A plan's latency is predicted as ``rest + sum(ms * prod(side ratios))``: each layer's time
+    scales by the measured ratio of each side it touches (exact when time is a product of an
+    output-width and an input-width term, as for compute-bound convolutions). ``rest`` is the
+    time of every other operation (norms, activations, adds, pooling, call overhead):
+    ``base_ms - sum(ms)`` for the whole model, and linear in the kept share of the groups'
+    activations (``rest["weights"]``: per group, its producers' output elements and channels),
+    fitted to one measured model with every group at half width (``rest["half_ms"]``). Without
+    that measurement (``rest`` empty) the other operations keep their time. :func:`chip.plan`
+    reports the prediction; compare it with :func:`measure_latency` of the pruned model.
     """
 
     base_ms: float
     layers: dict[str, dict]
     steps: dict[str, int]
     key: dict
+    rest: dict = field(default_factory=dict)
 
-    def predict(self, widths: Mapping[str, int]) -> float:
-        """Predicted ms of the model with these group widths (groups not named stay whole)."""
-        total = self.base_ms
+    def _layer_ms(self, widths: Mapping[str, int]) -> float:
+        total = 0.0
         for layer in self.layers.values():
             scale = 1.0
             for group, curve in layer["sides"]:
                 if group in widths and layer["ms"] > 0:
                     w, t = zip(*curve)
                     scale *= float(np.interp(widths[group], w, t)) / layer["ms"]
-            total -= layer["ms"] * (1.0 - scale)
+            total += layer["ms"] * scale
         return total
+
+    def _kept_activations(self, widths: Mapping[str, int]) -> float:
+        weights = self.rest["weights"]
+        total = sum(e for e, _ in weights.values())
+        kept = sum(e * widths.get(g, c) / c for g, (e, c) in weights.items())
+        return kept / total if total > 0 else 1.0
+
+    def predict(self, widths: Mapping[str, int]) -> float:
+        """Predicted ms of the model with these group widths (groups not named stay whole)."""
+        rest = self.base_ms - self._layer_ms({})
+        if self.rest:
+            a, a_half = self._kept_activations(widths), self.rest["a_half"]
+            rest_half = self.rest["half_ms"] - self._layer_ms(self.rest["half_widths"])
+            rest = max(0.0, rest + (rest - rest_half) * (a - 1.0) / (1.0 - a_half))
+        return rest + self._layer_ms(widths)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -288,6 +307,17 @@ def detect_step(widths: Sequence[int], times: Sequence[float], channels: int, un
         if jump > 0 and all(abs(t[w] - t[up]) <= _STEP_TOLERANCE * jump for w, up in pairs):
             best = s
     return best
+
+
+def _pruned_ms(model: nn.Module, graph, widths: dict[str, int], input_size) -> float:
+    """Median ms of a copy of ``model`` with every group cut to ``widths`` (first channels)."""
+    from .planning import GroupPlan, PruningPlan
+    from .prune import apply
+
+    groups = {g.name: GroupPlan(g.channels, g.choose(None, widths[g.name])) for g in graph}
+    p = PruningPlan(groups, input_size=(1, *tuple(input_size)[1:]), skipped=dict(graph.skipped))
+    pruned = apply(model, p, verify=False)
+    return measure_latency(pruned, input_size, warmup=3, repeats=10).median_ms
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:
@@ -329,11 +359,18 @@ def measure_table(
     shapes: dict[str, tuple[int, ...]] = {}
     names = {m: n for n, m in model.named_modules()}
 
+    outputs: dict[str, int] = {}
+
     def record(module, inputs):
         shapes.setdefault(names[module], tuple(inputs[0].shape))
 
+    def record_out(module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            outputs.setdefault(names[module], output.numel())
+
     layers = [m for m in model.modules() if isinstance(m, _TIMED)]
     handles = [m.register_forward_pre_hook(record) for m in layers]
+    handles += [m.register_forward_hook(record_out) for m in layers]
     try:
         dev, dtype = device_dtype(model)
         with torch.inference_mode(), eval_mode(model):
@@ -370,8 +407,19 @@ def measure_table(
             layer["ms"] = curve[-1][1]  # the whole width is measured last
             layer["sides"].append([g.name, curve])
         steps[g.name] = detect_step(widths, [total[w] for w in widths], g.channels, g.step)
+    rest = {}
     if base_ms is None:
         base_ms = measure_latency(model, input_size, warmup=3, repeats=10).median_ms
+        half = {g.name: g.width(max(1, g.channels // 2)) for g in graph}
+        weights = {
+            g.name: [sum(outputs.get(m.name, 0) for m in g.members if m.kind == "out"), g.channels]
+            for g in graph
+        }
+        rest = {"half_widths": half, "weights": weights}
+        rest["half_ms"] = _pruned_ms(model, graph, half, input_size)
+        rest["a_half"] = LatencyTable(base_ms, {}, {}, {}, rest)._kept_activations(half)
+        if not rest["a_half"] < 1.0:
+            rest = {}
     elif base_ms == -1.0:
         base_ms = sum(
             time_layer(m, shapes[n], *_channels(m)) for n, m in modules.items() if n in shapes
@@ -382,7 +430,7 @@ def measure_table(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    return LatencyTable(base_ms, table, steps, key)
+    return LatencyTable(base_ms, table, steps, key, rest)
 
 
 def table_key(model: nn.Module, input_size, time_layer=None) -> dict:
@@ -413,7 +461,7 @@ def latency_table(model: nn.Module, graph, input_size, *, time_layer=None) -> La
     if path.is_file():
         try:
             d = json.loads(path.read_text())
-            return LatencyTable(d["base_ms"], d["layers"], d["steps"], d["key"])
+            return LatencyTable(d["base_ms"], d["layers"], d["steps"], d["key"], d["rest"])
         except (OSError, KeyError, TypeError, json.JSONDecodeError):
             pass  # measured again and rewritten
     table = measure_table(model, graph, input_size, time_layer=time_layer)
