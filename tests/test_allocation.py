@@ -57,15 +57,23 @@ def test_global_takes_most_from_the_duplicated_layer(budget):
     assert p.allocation["name"] == "global" and p.allocation["normalisation"] == "ci/norm"
 
 
-def test_normalised_ci_lies_in_unit_interval_and_falls_back_to_group_mean():
+def test_normalised_ci_is_shape_corrected_and_falls_back_to_group_mean():
     model = create("resnet20")
     x = torch.randn(16, 3, 16, 16)
     scores = chip.calibrate(model, [x[:8], x[8:]], num_batches=2, progress=False)
+    positions = scores.meta["positions"]
     for g in scores.groups:
         r = A.normalised_scores(scores, g)
         assert r.shape == scores.groups[g].shape and bool(torch.isfinite(r).all())
-        if A._ci_ratio(scores, g) is not None:  # CI_i <= ||a_i|| for every sample
-            assert float(r.min()) >= 0 and float(r.max()) <= 1 + 1e-9
+        assert float(r.min()) >= 0
+    for label, norms in scores.point_norms.items():  # CI_i <= ||a_i|| for every sample
+        ratio = scores.points[label][norms > 0] / norms[norms > 0]  # dead channels: 0 / 0
+        assert float(ratio.min()) >= 0 and float(ratio.max()) <= 1 + 1e-9
+    assert set(positions) == set(scores.point_norms)
+    assert set(positions.values()) == {256, 64, 16}  # 16x16, 8x8, 4x4 maps of the three stages
+    # by chance: ~1 with many positions per channel, ~L/C with fewer positions than channels
+    assert A.chance_ratio(16, 784) > 0.95 and 0.3 < A.chance_ratio(64, 49) < 0.7
+    assert A.chance_ratio(512, 49) < 0.2
     l1 = chip.score(model, None, "l1", example_inputs=torch.zeros(1, 3, 16, 16))
     r = A.normalised_scores(l1, "conv1")
     torch.testing.assert_close(r, l1.groups["conv1"].double() / l1.groups["conv1"].abs().mean())

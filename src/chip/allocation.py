@@ -30,6 +30,7 @@ budget costs no evaluation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -226,11 +227,14 @@ def _uniform(budget: _Budget, **_) -> tuple[dict[str, int], dict]:
 def normalised_scores(scores, group: str) -> torch.Tensor:
     """(C,) float64 scores of ``group`` comparable across groups.
 
-    CHIP scores with feature-map norms: ``CI_i / ||a_i||`` (mean CI over mean norm, over the
-    group's hook points whose maps have more than one position; in [0, 1]). A group without
-    such points (read only as a pooled vector, where every channel is dependent) and scores of
-    other criteria: the scores over their group mean, times the mean normalised score of the
-    groups that have norms (1 when none has)."""
+    CHIP scores with feature-map norms: ``(CI_i / ||a_i||) / r(C, L)`` per hook point, averaged
+    over the group's points whose maps have ``L > 1`` positions. ``CI_i / ||a_i||`` (mean CI over
+    mean norm) lies in [0, 1]; ``r(C, L)`` is its mean for C independent Gaussian maps of L
+    positions (:func:`chance_ratio`), which corrects for the capacity of the shape: at most
+    ``L`` of ``C`` channels can be independent, so late, narrow-map layers score low whatever
+    they compute. A group without such points (read only as a pooled vector, where every channel
+    is dependent) and scores of other criteria: the scores over their group mean, times the mean
+    normalised score of the groups that have norms (1 when none has)."""
     groups = getattr(scores, "groups", scores)
     s = groups[group].double().cpu()
     ratio = _ci_ratio(scores, group)
@@ -242,16 +246,33 @@ def normalised_scores(scores, group: str) -> torch.Tensor:
     return s / mean * scale if mean > 0 else torch.zeros_like(s)
 
 
+@functools.lru_cache(maxsize=256)
+def chance_ratio(channels: int, positions: int) -> float:
+    """Mean ``CI_i / ||a_i||`` of ``channels`` independent standard Gaussian maps of
+    ``positions`` values (4 seeded samples): the independence a layer of that shape shows by
+    chance (about 1 when positions >> channels, about positions / channels when fewer)."""
+    from .ci import channel_independence
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, channels, positions, generator=gen, dtype=torch.float64)
+    ratio = channel_independence(a).mean(0) / a.norm(dim=2).mean(0)
+    return float(ratio.mean())
+
+
 def _ci_ratio(scores, group: str) -> torch.Tensor | None:
-    """``mean CI_i / mean ||a_i||`` over the group's points that carry norms (None: no such)."""
+    """The shape-corrected ratio of :func:`normalised_scores` (None: no point with norms)."""
     point_norms = getattr(scores, "point_norms", {})
+    positions = (getattr(scores, "meta", None) or {}).get("positions", {})
     labels = [lb for lb, g in getattr(scores, "point_group", {}).items() if g == group]
-    labels = [lb for lb in labels if lb in point_norms]
-    if not labels:
-        return None
-    ci = torch.stack([scores.points[lb].double() for lb in labels]).mean(0)
-    norms = torch.stack([point_norms[lb].double() for lb in labels]).mean(0)
-    return torch.where(norms > 0, ci / norms.clamp_min(1e-300), torch.zeros_like(ci)).cpu()
+    ratios = []
+    for lb in labels:
+        if lb not in point_norms:
+            continue
+        ci, norms = scores.points[lb].double().cpu(), point_norms[lb].double().cpu()
+        r = torch.where(norms > 0, ci / norms.clamp_min(1e-300), torch.zeros_like(ci))
+        chance = chance_ratio(len(ci), positions[lb]) if lb in positions else 1.0
+        ratios.append(r / max(chance, 1e-12))
+    return torch.stack(ratios).mean(0) if ratios else None
 
 
 def _global(budget: _Budget, scores=None, allocation: Allocation = Allocation(), **_):

@@ -168,6 +168,7 @@ class _Accumulator:
         self.norm_sums: dict[str, torch.Tensor | None] | None = (
             {p.label: None for p in points} if norms else None
         )
+        self.positions: dict[str, int] = {}  # hook point -> positions per channel map
         self.counts: dict[str, int] = {p.label: 0 for p in points}
         self.dispatch: dict[str, dict[int, list[tuple[str, Member]]]] = {}
         for p in points:
@@ -190,6 +191,7 @@ class _Accumulator:
                     # no meaningful scale there, so such points record no norms
                     norms = fmaps.flatten(2).norm(dim=2)
                     _add(self.norm_sums, label, norms.to(torch.float64).sum(0))
+                    self.positions[label] = fmaps[0, 0].numel()
 
         return _hook
 
@@ -530,6 +532,7 @@ def calibrate(
             "criterion": criterion
             if isinstance(criterion, str)
             else getattr(criterion, "__name__", "custom"),
+            "positions": dict(acc.positions),
             "num_batches": num_batches,
             "samples_this_rank": seen,
             "seed": seed,
