@@ -326,6 +326,7 @@ def test_cli_plan_with_sensitivity_and_prune_with_recalibrated_bn(capsys, tmp_pa
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["allocation"]["name"] == "sensitivity"
     assert out["macs_kept"] <= 0.5 and out["allocation"]["loss"]
+    assert out["input_size"] == [1, 3, 8, 8]  # the data's size, not resnet20's declared 32x32
     code = cli.main(
         [str(a) for a in ["prune", *model_args, "--plan", tmp_path / "plan.json",
                           "--recalibrate-bn", "2", *SYNTH, "--out", tmp_path / "p.chip"]]

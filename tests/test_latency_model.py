@@ -187,3 +187,28 @@ def test_prediction_scales_the_other_operations_with_the_kept_activations():
     expected_rest = 6.0 + (6.0 - 4.0) * (a - 1.0) / (1.0 - rest["a_half"])
     assert table.predict({"g": 3, "h": 4}) == pytest.approx(expected_rest + 2.5)
     assert LatencyTable(10.0, layers, {}, {}).predict({"g": 2}) == pytest.approx(7.0)
+
+
+class DepthwiseNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = torch.nn.Conv2d(8, 4, 1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.dw(torch.relu(self.bn(self.a(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_depthwise_convs_are_timed_once_and_predicted_exactly():
+    model = DepthwiseNet().eval()
+    p = plan(model, None, "latency=0.6", input_size=(1, 3, 8, 8), time_layer=smooth)
+    pruned = chip.apply(model, p)
+    truth = measure_table(pruned, chip.find_groups(pruned, torch.zeros(1, 3, 8, 8)),
+                          (1, 3, 8, 8), time_layer=smooth).base_ms  # fmt: skip
+    assert truth == pytest.approx(p.stats["latency"]["predicted_ms"], rel=1e-9)
+    real = plan(model, None, "flops=0.6", round_to="auto", input_size=(1, 3, 8, 8))  # real timer
+    assert set(real.stats["round_to"]) == set(real.groups)

@@ -3,14 +3,14 @@
 :func:`chip.plan` solves a budget target with one of the allocations of :data:`ALLOCATIONS`
 (``docs/method.md`` section 3 has the formulas):
 
-* ``uniform``: one rate for every group, the largest that meets the budget (bisection on exact
+* ``uniform``: one rate for every group, the smallest that meets the budget (bisection on exact
   analytic counts), then width steps given back round-robin in graph order while it holds.
-* ``global``: one ranking of normalised channel scores across all groups; a group keeps its
-  channels above one global threshold, and at least ``floor`` of its width. CHIP scores are
-  normalised per channel as ``CI_i / ||a_i||`` (mean channel independence over mean feature-map
-  norm of the channel, in [0, 1]: 1 for a channel orthogonal to the others, 0 for one the others
-  reproduce); other criteria by their group mean. Width steps are then given back to the
-  channels with the highest normalised score.
+* ``global``: one ranking of normalised channel scores across all groups; a group keeps as many
+  channels as score above one global threshold, and at least ``floor`` of its width. CHIP
+  scores are normalised per channel as ``CI_i / ||a_i||`` (mean channel independence over mean
+  feature-map norm, in [0, 1]) divided by its value for independent Gaussian maps of the same
+  shape (:func:`chance_ratio`); other criteria by their group mean. Width steps are then given
+  back to the groups whose best removed channel scores highest.
 * ``sensitivity``: each group alone is cut to each width of a ladder (its lowest-scored channels
   removed, every other group whole), BatchNorm statistics are re-estimated on ``bn_batches``
   batches (:func:`chip.recalibration.recalibrate_bn`) and the cross-entropy is measured on
@@ -535,6 +535,8 @@ def _sensitivity(
         "cached": m["cached"],
         "seconds": m["seconds"],
     }
+    if not budget.fits(start):  # a measured (latency) cost need not fall with every ladder step
+        start = smallest
     return budget.give_back(start, loss_drop_per_cost, gains=True), record
 
 

@@ -547,14 +547,16 @@ def _latency_lines(p, measured: tuple[float, float] | None = None) -> list[str]:
 def _measured_latency(model, pruned, p, device) -> tuple[float, float] | None:
     """(unpruned, pruned) median ms at the plan's latency batch, interleaved (None: the plan
     has no latency table)."""
-    lat = p.stats.get("latency")
-    if lat is None:
-        return None
+    import torch
+
     from chip.latency import measure_latency
     from chip.utils import resolve_device
 
-    size = (lat["batch"], *p.input_size[1:])
+    lat = p.stats.get("latency")
     device = resolve_device(device)
+    if lat is None or lat["device"] != str(device) or lat["threads"] != torch.get_num_threads():
+        return None  # planned elsewhere: the prediction is not for this machine
+    size = (lat["batch"], *p.input_size[1:])
     rounds = [[], []]
     for _ in range(3):  # interleaved rounds damp drift on a shared machine
         for i, m in enumerate((model, pruned)):
@@ -563,12 +565,15 @@ def _measured_latency(model, pruned, p, device) -> tuple[float, float] | None:
 
 
 def _model_and_data(args: argparse.Namespace):
-    """The model (sized for --data when given) and the training split (None without --data)."""
+    """The model (sized for --data when given) and the training split (None without --data);
+    with --data and no --input-size, the data's image size is the input size."""
     if args.data is None:
         return _build_model(args, in_channels=args.input_size[0] if args.input_size else None), None
     train, _, info = _data(args)
     model = _build_model(args, info.num_classes, info.in_channels)
     _check_fits(model, info)
+    if args.input_size is None:
+        args.input_size = (info.in_channels, *info.image_size)
     return model, train
 
 

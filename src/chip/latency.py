@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -276,10 +277,10 @@ class LatencyTable:
 
     def predict(self, widths: Mapping[str, int]) -> float:
         """Predicted ms of the model with these group widths (groups not named stay whole)."""
-        rest = self.base_ms - self._layer_ms({})
+        rest = max(0.0, self.base_ms - self._layer_ms({}))
         if self.rest:
             a, a_half = self._kept_activations(widths), self.rest["a_half"]
-            rest_half = self.rest["half_ms"] - self._layer_ms(self.rest["half_widths"])
+            rest_half = max(0.0, self.rest["half_ms"] - self._layer_ms(self.rest["half_widths"]))
             rest = max(0.0, rest + (rest - rest_half) * (a - 1.0) / (1.0 - a_half))
         return rest + self._layer_ms(widths)
 
@@ -384,12 +385,15 @@ def measure_table(
     for g in graph:
         widths = _group_widths(g, g.channels)
         total = dict.fromkeys(widths, 0.0)
+        writes = {m.name for m in g.members if m.kind == "out"}
         for member in g.members:
             module = modules.get(member.name)
             if member.name not in shapes or not isinstance(module, _TIMED):
                 continue
             if getattr(module, "transposed", False):  # its time stays with the rest
                 continue
+            if member.kind == "in" and member.name in writes:  # a depthwise conv: its "out"
+                continue  # side already narrows both of its sides
             out_c, in_c = _channels(module)
             per = member.index.shape[1]  # a flatten spreads a channel over `per` features
             layer = table.setdefault(member.name, {"ms": None, "sides": []})
@@ -418,7 +422,7 @@ def measure_table(
         rest = {"half_widths": half, "weights": weights}
         rest["half_ms"] = _pruned_ms(model, graph, half, input_size)
         rest["a_half"] = LatencyTable(base_ms, {}, {}, {}, rest)._kept_activations(half)
-        if not rest["a_half"] < 1.0:
+        if not rest["a_half"] < 0.95:  # too little of the activations narrowed to fit a slope
             rest = {}
     elif base_ms == -1.0:
         base_ms = sum(
@@ -427,10 +431,23 @@ def measure_table(
     key = {
         "input_size": list(input_size),
         "device": str(device_dtype(model)[0]),
+        "hardware": _hardware(device_dtype(model)[0]),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     return LatencyTable(base_ms, table, steps, key, rest)
+
+
+def _hardware(device: torch.device) -> str:
+    """The GPU's or CPU's model name (a cache shared between machines must not mix them)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return names[0] if names else platform.processor()
+    except OSError:
+        return platform.processor()
 
 
 def table_key(model: nn.Module, input_size, time_layer=None) -> dict:

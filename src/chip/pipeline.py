@@ -434,15 +434,15 @@ def preflight(ctx: RunContext) -> None:
                     f"{what} reads {batches} calibration batches of {size} images but the "
                     f"training set has {len(train)}; lower calibration.batch_size or use more data"
                 )
-        plan(  # the budget's reachability under the uniform rule
-            model,
-            None,
-            target,
-            round_to=cfg["target"]["round_to"],
-            input_size=ctx.input_size,
-            graph=_static_graph(model, ctx.input_size),
-            latency_batch=cfg["plan"]["latency_batch"],
-        )
+        if "latency" not in (target if isinstance(target, dict) else {}):
+            plan(  # the budget's reachability under the uniform rule (latency: at the stage)
+                model,
+                None,
+                target,
+                round_to=1 if cfg["target"]["round_to"] == "auto" else cfg["target"]["round_to"],
+                input_size=ctx.input_size,
+                graph=_static_graph(model, ctx.input_size),
+            )
 
 
 def _static_graph(model: nn.Module, input_size):
