@@ -221,6 +221,43 @@ def summarise(cells: list[dict]):
     return out
 
 
+def verdict_lines(rows) -> list[str]:
+    """Per budget, the methods whose paired difference against chip-uniform is significant, and
+    the issue's two targets for chip-sensitivity."""
+    out = []
+    for budget in BUDGETS:
+        for key, when in (
+            ("pruned", "right after pruning + BN"),
+            ("finetuned", "after fine-tuning"),
+        ):
+            better = [m for m in METHODS if (d := rows.get((budget, m), {}).get(f"diff_{key}"))
+                      and d[0] - d[1] > 0]  # fmt: skip
+            worse = [m for m in METHODS if (d := rows.get((budget, m), {}).get(f"diff_{key}"))
+                     and d[0] + d[1] < 0]  # fmt: skip
+            out.append(
+                f"* flops={budget}, {when}: better than uniform: {', '.join(better) or 'none'}; "
+                f"worse: {', '.join(worse) or 'none'}"
+            )
+    for budget in BUDGETS:
+        s = rows.get((budget, "chip-sensitivity"), {})
+        d = s.get("diff_pruned")
+        beats = bool(d and d[0] - d[1] > 0)
+        peers = [m for m in ("tp-global", "tp-local", "fastnas") if (budget, m) in rows]
+        level = [m for m in peers if s and s["finetuned"][0] + s["finetuned"][1]
+                 >= rows[budget, m]["finetuned"][0]]  # fmt: skip
+        out.append(
+            f"* target, flops={budget}: sensitivity beats uniform right after pruning by more than "
+            f"the seed noise: **{'met' if beats else 'not met'}**; at least level (within one std) "
+            f"with every peer after fine-tuning: **{'met' if len(level) == len(peers) else 'not met'}**"
+            + (
+                f" (behind {', '.join(m for m in peers if m not in level)})"
+                if len(level) < len(peers)
+                else ""
+            )
+        )
+    return out
+
+
 def plot(cells: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -295,6 +332,36 @@ def report(study: Study, results: Path, command: str) -> None:
                 f"| flops={budget} | {m} | {r['macs'] / record['macs']:.3f} | {_pm(r['pruned'])} | "
                 f"{d1} | {_pm(r['finetuned'])} | {d2} | {r['plan_s']:.1f} | {r['n']} |"
             )
+    lines += [
+        "",
+        "What the intervals say (Δ against `chip-uniform`, 95 % interval excluding 0):",
+        "",
+    ]
+    lines += verdict_lines(rows)
+    chip_better = [
+        (b, m) for (b, m), r in rows.items()
+        if m.startswith("chip-") and (d := r.get("diff_finetuned")) and d[0] - d[1] > 0
+    ]  # fmt: skip
+    lines += [
+        "",
+        "Default for budgets: "
+        + (
+            "`uniform` stays the default: no other chip allocation beats it after fine-tuning "
+            "by more than the seed noise at either budget, and it needs no data and no "
+            "measurement."
+            if not chip_better
+            else f"another allocation beats `uniform` after fine-tuning ({chip_better}); "
+            "consider making it the default."
+        ),
+    ]
+    lines += [
+        "",
+        "Notes: FastNAS (ModelOpt) keeps the stem and the three residual streams of these CIFAR "
+        "ResNets whole (it cannot prune through their option-A pad shortcut) and prunes only each "
+        "block's inner conv; it lands below the budget (its MACs are in the table) and re-estimates "
+        "BatchNorm statistics on 50 batches for every candidate it scores. Torch-Pruning's "
+        "per-layer mode narrows all layers of one width together and undershoots the budget.",
+    ]
     lines += ["", f"![kept width per group]({figure.name})", "", "Commands:", "", "```"]
     lines += [command, "python bench/study_allocation.py --report-only", "```"]
     write_section(results, "study_allocation", "\n".join(lines))
