@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -290,7 +289,7 @@ def _pm(pair, digits=2) -> str:
     return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
 
-def report(study: Study, results: Path, command: str) -> None:
+def report(study: Study, results: Path) -> None:
     record = json.loads((study.out_dir / "baseline.json").read_text())
     cells = [json.loads(p.read_text()) for p in sorted(study.cells_dir.glob("*.json"))]
     if not cells:
@@ -362,8 +361,20 @@ def report(study: Study, results: Path, command: str) -> None:
         "BatchNorm statistics on 50 batches for every candidate it scores. Torch-Pruning's "
         "per-layer mode narrows all layers of one width together and undershoots the budget.",
     ]
-    lines += ["", f"![kept width per group]({figure.name})", "", "Commands:", "", "```"]
-    lines += [command, "python bench/study_allocation.py --report-only", "```"]
+    hours = (sum(c["seconds"] for c in cells) + record["seconds"]) / 3600
+    lines += ["", f"![kept width per group]({figure.name})", ""]
+    lines += [
+        f"Compute: {hours:.2f} h of process time for the baseline and {len(cells)} cells.",
+        "",
+    ]
+    lines += ["Commands (two 1-thread shards share the two cores):", "", "```"]
+    lines += [
+        "python bench/study_allocation.py --baseline-only --threads 2",
+        "python bench/study_allocation.py --shard 0/2 --threads 1 & "
+        "python bench/study_allocation.py --shard 1/2 --threads 1; wait",
+        "python bench/study_allocation.py --report-only   # this section and its plot",
+        "```",
+    ]
     write_section(results, "study_allocation", "\n".join(lines))
 
 
@@ -390,7 +401,6 @@ def main(argv=None) -> int:
     if args.report_only and cached.is_file():
         settings = Settings(**json.loads(cached.read_text()))
     study = Study(args.out_dir, settings, torch.device(args.device), args.progress, args.data_root)
-    command = shlex.join(["python", "bench/study_allocation.py", *(argv or sys.argv[1:])])
     if args.baseline_only:
         study.check_settings()
         study.baseline()
@@ -402,7 +412,7 @@ def main(argv=None) -> int:
         print(f"shard {args.shard} finished in {(time.perf_counter() - t0) / 60:.1f} min")
         if n > 1:
             return 0
-    report(study, args.results, command)
+    report(study, args.results)
     print(f"wrote {args.results}")
     return 0
 
