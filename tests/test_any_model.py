@@ -377,12 +377,15 @@ def test_help_names_the_zoo_and_the_prefixes():
 
 def test_flags_appear_only_where_they_act():
     commands = cli.get_args_parser()._subparsers._group_actions[0].choices
-    for command in ("plan", "export", "prune"):
-        text = commands[command].format_help()
-        assert "--seed" not in text and "--workers" not in text, command
-    for command in ("score", "train", "finetune", "eval"):
+    text = commands["export"].format_help()
+    assert "--seed" not in text and "--workers" not in text
+    # plan and prune read data for --allocation sensitivity and --recalibrate-bn
+    for command in ("score", "train", "finetune", "eval", "plan", "prune"):
         assert "--workers" in commands[command].format_help(), command
-    assert "--seed" in commands["score"].format_help()
+    for command in ("score", "plan", "prune"):
+        assert "--seed" in commands[command].format_help(), command
+    assert "--recalibrate-bn" in commands["prune"].format_help()
+    assert "--recalibrate-bn" not in commands["plan"].format_help()
 
 
 def test_reprs_are_summaries():

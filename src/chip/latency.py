@@ -281,7 +281,9 @@ class LatencyTable:
         if self.rest:
             a, a_half = self._kept_activations(widths), self.rest["a_half"]
             rest_half = max(0.0, self.rest["half_ms"] - self._layer_ms(self.rest["half_widths"]))
-            rest = max(0.0, rest + (rest - rest_half) * (a - 1.0) / (1.0 - a_half))
+            # never slower with fewer activations (a noisy half-width timing can say otherwise)
+            slope = max(0.0, (rest - rest_half) / (1.0 - a_half))
+            rest = max(0.0, rest - slope * (1.0 - a))
         return rest + self._layer_ms(widths)
 
     def to_dict(self) -> dict:
