@@ -15,8 +15,8 @@
   removed, every other group whole), BatchNorm statistics are re-estimated on ``bn_batches``
   batches (:func:`chip.recalibration.recalibrate_bn`) and the cross-entropy is measured on
   ``eval_batches`` held-out batches; a width's loss increase is taken as the largest measured at
-  it or any wider ladder width (fewer channels never cost less). Widths then minimise the summed loss increase under the
-  budget by a Lagrangian relaxation: for a multiplier ``lam`` each group takes the ladder width
+  it or any wider ladder width (fewer channels never cost less). Widths then minimise the summed
+  loss increase under the budget by a Lagrangian relaxation: for a multiplier ``lam`` each group takes the ladder width
   minimising ``dloss(w) - lam * saving(w)`` (saving: the group's own MACs or params saving), and
   ``lam`` is bisected to the smallest value whose exact joint count meets the budget; width steps
   are then given back where the linearly interpolated loss drops most per MAC (or param).
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -398,7 +399,8 @@ def measure_sensitivity(
     from tqdm.auto import tqdm
 
     from .prune import masked_forward_hooks
-    from .recalibration import _batchnorms, recalibrate_bn
+    from .recalibration import BatchNormState, _batchnorms, recalibrate_bn
+    from .utils import eval_mode
 
     t0 = time.perf_counter()
     device = next(iter(model.parameters())).device
@@ -431,15 +433,7 @@ def measure_sensitivity(
         except (OSError, json.JSONDecodeError):
             pass  # a damaged cache file is measured again and rewritten
 
-    bns = _batchnorms(model)
-    saved = [{k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in bns]
-    flags = [(m, m.training) for m in model.modules()]
-
-    def restore() -> None:
-        with torch.no_grad():
-            for bn, buffers in zip(bns, saved):
-                for k, v in buffers.items():
-                    getattr(bn, k).copy_(v)
+    saved = BatchNormState(_batchnorms(model))
 
     def trial_loss(removed: dict[str, list[int]]) -> float:
         handles = masked_forward_hooks(model, removed, graph) if removed else []
@@ -449,20 +443,19 @@ def measure_sensitivity(
         finally:
             for handle in handles:
                 handle.remove()
-            restore()
+            saved.restore()
 
     loss: dict[str, list[list[float]]] = {}
     bar = tqdm(total=len(trials) + 1, desc="sensitivity", unit="trial", disable=not progress)
-    try:
-        base = trial_loss({})
-        bar.update(1)
-        for name, w, removed in trials:
-            loss.setdefault(name, []).append([w, trial_loss({name: removed}) - base])
+    with eval_mode(model):  # every module leaves with its own training flag
+        try:
+            base = trial_loss({})
             bar.update(1)
-    finally:
-        bar.close()
-        for m, training in flags:
-            m.training = training
+            for name, w, removed in trials:
+                loss.setdefault(name, []).append([w, trial_loss({name: removed}) - base])
+                bar.update(1)
+        finally:
+            bar.close()
     record = {"base_loss": base, "loss": loss}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w") as f:
@@ -511,10 +504,7 @@ def _sensitivity(
 
     def interpolated(name: str, w: float) -> float:
         pts = sorted((p[0], p[1]) for p in curves[name])
-        for (w0, d0), (w1, d1) in zip(pts, pts[1:]):
-            if w0 <= w <= w1:
-                return d0 + (d1 - d0) * (w - w0) / (w1 - w0)
-        return pts[0][1]
+        return float(np.interp(w, [p[0] for p in pts], [p[1] for p in pts]))
 
     per_channel = {  # the group's own saving per channel (its cost is near-linear in its width)
         n: max(c[-1][2], 1e-12) / max(c[0][0] - c[-1][0], 1) for n, c in curves.items()

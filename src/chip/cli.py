@@ -524,7 +524,11 @@ def _check_allocation_args(args: argparse.Namespace, command: str) -> None:
 
 def _measures_latency(args: argparse.Namespace) -> bool:
     """Whether planning measures latency (a --latency target or --round-to auto)."""
-    return getattr(args, "latency", None) is not None or args.round_to == "auto"
+    from chip.planning import measures_latency
+
+    if getattr(args, "plan", None) is not None:  # a plan file: there is no target to parse
+        return args.round_to == "auto"
+    return measures_latency(_plan_target(args), args.round_to)
 
 
 def _latency_lines(p, measured: tuple[float, float] | None = None) -> list[str]:

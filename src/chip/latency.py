@@ -12,6 +12,7 @@ so the caller's model is never modified.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import platform
@@ -275,15 +276,22 @@ class LatencyTable:
         kept = sum(e * widths.get(g, c) / c for g, (e, c) in weights.items())
         return kept / total if total > 0 else 1.0
 
+    @functools.cached_property
+    def _rest_line(self) -> tuple[float, float]:
+        """(ms of the other operations for the whole model, ms they lose per unit of activation
+        share removed); computed once per table, as every prediction needs them."""
+        rest = max(0.0, self.base_ms - self._layer_ms({}))
+        if not self.rest:
+            return rest, 0.0
+        rest_half = max(0.0, self.rest["half_ms"] - self._layer_ms(self.rest["half_widths"]))
+        # never slower with fewer activations (a noisy half-width timing can say otherwise)
+        return rest, max(0.0, (rest - rest_half) / (1.0 - self.rest["a_half"]))
+
     def predict(self, widths: Mapping[str, int]) -> float:
         """Predicted ms of the model with these group widths (groups not named stay whole)."""
-        rest = max(0.0, self.base_ms - self._layer_ms({}))
-        if self.rest:
-            a, a_half = self._kept_activations(widths), self.rest["a_half"]
-            rest_half = max(0.0, self.rest["half_ms"] - self._layer_ms(self.rest["half_widths"]))
-            # never slower with fewer activations (a noisy half-width timing can say otherwise)
-            slope = max(0.0, (rest - rest_half) / (1.0 - a_half))
-            rest = max(0.0, rest - slope * (1.0 - a))
+        rest, slope = self._rest_line
+        if slope > 0:
+            rest = max(0.0, rest - slope * (1.0 - self._kept_activations(widths)))
         return rest + self._layer_ms(widths)
 
     def to_dict(self) -> dict:

@@ -216,7 +216,7 @@ def stage_score(ctx: RunContext) -> dict:
 
 def stage_plan(ctx: RunContext) -> dict:
     from chip.calibration import ChannelScores
-    from chip.planning import Allocation, plan
+    from chip.planning import Allocation, measures_latency, plan
 
     scores = ChannelScores.load(ctx.out_dir / "scores.safetensors")
     t = ctx.cfg["target"]
@@ -224,14 +224,15 @@ def stage_plan(ctx: RunContext) -> dict:
     model, data = ctx.baseline_model(), None
     if allocation.name == "sensitivity":
         data = ctx.calibration_loader(allocation.batches)
-    latency = t.get("latency") is not None or t["round_to"] == "auto"
-    if allocation.name == "sensitivity" or latency:  # measured on the run's device
+    target = resolve_target(t)
+    if allocation.name == "sensitivity" or measures_latency(target, t["round_to"]):
+        # measured on the run's device
         model = model.to(ctx.device)
     t0 = time.perf_counter()
     p = plan(
         model,
         scores,
-        resolve_target(t),
+        target,
         round_to=t["round_to"],
         input_size=ctx.input_size,
         allocation=allocation,
@@ -407,7 +408,7 @@ def preflight(ctx: RunContext) -> None:
     names, a budget it can meet)."""
     import warnings
 
-    from chip.planning import check_allocation, plan
+    from chip.planning import check_allocation, measures_latency, plan
     from chip.preflight import check_data_fits, check_splits, check_writable
     from chip.utils import resolve_device
 
@@ -434,7 +435,7 @@ def preflight(ctx: RunContext) -> None:
                     f"{what} reads {batches} calibration batches of {size} images but the "
                     f"training set has {len(train)}; lower calibration.batch_size or use more data"
                 )
-        if "latency" not in (target if isinstance(target, dict) else {}):
+        if not measures_latency(target, 1):
             plan(  # the budget's reachability under the uniform rule (latency: at the stage)
                 model,
                 None,

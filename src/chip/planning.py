@@ -39,6 +39,7 @@ from .allocation import Allocation, kept_width, rounding, solve
 from .counting import CONVENTION, WidthCounter
 from .errors import ChipError, ChipWarning
 from .groups import ChannelGroup, GroupGraph, find_groups
+from .options import check_round_to
 from .targets import describe, parse_sparsity, parse_target
 from .utils import atomic_write, example_input
 
@@ -379,7 +380,7 @@ def plan(
         )
     arch = getattr(model, "chip_arch", None)
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
-    if round_to != "auto" and (not _is_int(round_to) or round_to < 1):
+    if not check_round_to(round_to):
         raise ChipError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
     if not _is_int(latency_batch) or latency_batch < 1:
         raise ChipError(f"latency_batch must be a positive integer, got {latency_batch!r}")
@@ -391,7 +392,7 @@ def plan(
         counter = WidthCounter(model, graph, input_size)
     record: dict[str, Any] = {}
     table = None
-    if round_to == "auto" or (kind == "budget" and value[0] == "latency"):
+    if measures_latency(target, round_to):
         from .latency import latency_table
 
         size = (latency_batch, *input_size[1:])
@@ -461,6 +462,13 @@ def plan(
         skipped=dict(graph.skipped),
         allocation=record,
     )
+
+
+def measures_latency(target, round_to) -> bool:
+    """Whether planning ``target`` with ``round_to`` measures latency (a ``latency=`` budget or
+    ``round_to="auto"``), on the model's device."""
+    kind, value = parse_target(target)
+    return round_to == "auto" or (kind == "budget" and value[0] == "latency")
 
 
 def check_allocation(allocation, target) -> Allocation:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .calibration import split_batch
 from .errors import ChipError
-from .utils import first_line
+from .utils import eval_mode, first_line
 
 __all__ = ["recalibrate_bn"]
 
@@ -58,6 +58,22 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+class BatchNormState:
+    """A copy of the buffers (running statistics, batch count) of some BatchNorm layers;
+    :meth:`restore` writes them back in place."""
+
+    def __init__(self, bns: list[nn.Module]):
+        self._saved = [
+            (bn, {k: v.clone() for k, v in bn.named_buffers(recurse=False)}) for bn in bns
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for bn, buffers in self._saved:
+                for k, v in buffers.items():
+                    getattr(bn, k).copy_(v)
+
+
 def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int) -> nn.Module:
     """Re-estimate the running statistics of every BatchNorm of ``model`` on its data.
 
@@ -85,14 +101,12 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int) -> nn.M
     device = next(iter(model.parameters()), torch.empty(0)).device
     moments = {bn: _Moments() for bn in bns}
     handles = [bn.register_forward_pre_hook(moments[bn]) for bn in bns]
-    flags = [(m, m.training) for m in model.modules()]
-    before = {bn: {k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in bns}
+    before = BatchNormState(bns)
     seen = 0
     try:
-        model.eval()
-        for bn in bns:
-            bn.train()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
+            for bn in bns:
+                bn.train()
             for batch in loader:
                 if seen == num_batches:
                     break
@@ -107,12 +121,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int) -> nn.M
     finally:
         for h in handles:
             h.remove()
-        for m, training in flags:
-            m.training = training
-        with torch.no_grad():  # the training-mode pass moved them by the momentum: undo it
-            for bn, buffers in before.items():
-                for k, v in buffers.items():
-                    getattr(bn, k).copy_(v)
+        before.restore()  # the training-mode pass moved them by the momentum: undo it
     if seen < num_batches:
         raise ChipError(
             f"BatchNorm re-estimation needs {num_batches} batches but the loader gave {seen}; "
