@@ -1,28 +1,34 @@
-"""Per-sample speed and accuracy of chip's channel independence (CI).
+"""Per-sample speed and accuracy of chip's channel independence (CI), against its floor.
 
-Compares, on ReLU'd Gaussian feature maps (about half the entries zero, like real activations):
+Two tables, on ReLU'd Gaussian feature maps (about half the entries zero, like real activations):
 
-* chip     -- ``chip.ci.channel_independence`` (one Gram eigendecomposition per sample, float64);
-* oracle   -- ``chip.ci.channel_independence_oracle`` (one float64 SVD per sample and channel);
-* ref      -- the CHIP reference code's algorithm, re-implemented faithfully: maps rounded to 4
-              decimals, float32, and for every (sample i, channel j) a clone of the WHOLE batch,
-              row (i, j) zeroed, and ``torch.norm(t[i], p='nuc')``.
+1. **Floor**: for every hook-point shape of the zoo models and torchvision ResNet-50 (found by
+   running ``chip.calibrate`` on them with a recording criterion), chip vs the floor of exact CI:
+   one float64 Gram product (``A A^T``, or ``A^T A`` when HW < C) and one ``torch.linalg.eigh``
+   per sample, on maps already in float64 (chip gets the float32 maps calibrate hands it).
+   Interleaved repeats, best of each. Target: chip / floor <= 1.3 at every shape.
+2. **Reference**: at six shapes, chip vs
 
-The slow methods are timed on a subset of samples (and, for C > 64, of channels) and
-extrapolated to a full sample; the output says which subset. Accuracy is
-``max |chip - oracle| / max CI`` over that subset (``ref err``: the same for the reference).
+   * oracle -- ``chip.ci.channel_independence_oracle`` (one float64 SVD per sample and channel);
+   * ref    -- the CHIP reference code's algorithm, re-implemented faithfully: maps rounded to 4
+     decimals, float32, and for every (sample i, channel j) a clone of the WHOLE batch,
+     row (i, j) zeroed, and ``torch.norm(t[i], p='nuc')``.
+
+   The slow methods are timed on a subset of samples (and, for C > 64, of channels) and
+   extrapolated to a full sample; the output says which subset. Accuracy is
+   ``max |chip - oracle| / max CI`` over that subset (``ref err``: the same for the reference).
+   Targets: >= 50x faster than the reference at the CIFAR shapes, <= 100 ms per sample at the
+   ImageNet shapes.
 
 Usage::
 
-    python bench/ci_speed.py [--quick] [--threads N] [--repeats R] [--seed S]
-
-Targets (PASS/FAIL per row): >= 50x faster than the reference at the CIFAR shapes, <= 100 ms per
-sample at the ImageNet shapes.
+    python bench/ci_speed.py [--quick] [--threads N] [--repeats R] [--seed S] [--only floor|ref]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +37,10 @@ import numpy as np
 import torch
 
 from chip.ci import channel_independence, channel_independence_oracle
+
+# the models whose hook-point shapes the floor table covers (input size: the model's own)
+FLOOR_ARCHS = ("resnet56", "resnet110", "vgg16_bn", "resnet50", "torchvision:resnet50")
+FLOOR_TARGET = 1.3
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,81 @@ def bench_case(case: Case, args) -> dict:
     return row
 
 
+def model_shapes(archs=FLOOR_ARCHS) -> list[tuple[int, int, int]]:
+    """Every (C, H, W) (or (C, 1) for a linear layer's input) the models' hook points see."""
+    import chip
+
+    seen: set[tuple[int, ...]] = set()
+
+    def record(fmaps):
+        seen.add(tuple(fmaps.shape[1:]))
+        return torch.zeros(fmaps.shape[:2])
+
+    for arch in archs:
+        size = 224 if ":" in arch else chip.models.arch_input_size(arch)[-1]
+        model = chip.models.create(arch).eval()
+        x = torch.randn(2, 3, size, size)
+        chip.calibrate(model, [x], num_batches=1, criterion=record, progress=False)
+    return sorted(seen, key=lambda s: (math.prod(s[1:]) < s[0], s[0], -math.prod(s[1:])))
+
+
+def floor_fn(maps: torch.Tensor):
+    """The floor of exact CI: one float64 Gram product and one eigh per sample."""
+    smaller_gram = maps.shape[2] < maps.shape[1]
+
+    def run():
+        gram = maps.mT @ maps if smaller_gram else maps @ maps.mT
+        torch.linalg.eigh(gram)
+
+    return run
+
+
+def bench_floor(shape: tuple[int, ...], args) -> dict:
+    """chip / floor at one (C, *spatial) shape, interleaved repeats, best of each."""
+    c, length = shape[0], math.prod(shape[1:])
+    n = args.floor_samples or max(4, min(128, (2**24) // (c * length)))
+    if args.quick:
+        n = min(n, 8)
+    gen = torch.Generator().manual_seed(args.seed)
+    maps = torch.randn(n, c, length, generator=gen).relu()
+    floor, chip_run = floor_fn(maps.double()), lambda: channel_independence(maps)
+    floor(), chip_run()  # warm-up
+    t_floor, t_chip = math.inf, math.inf
+    for _ in range(args.repeats):
+        t_floor = min(t_floor, timed(floor)[0])
+        t_chip = min(t_chip, timed(chip_run)[0])
+    ratio = t_chip / t_floor
+    return {
+        "shape": (c, *shape[1:]),
+        "samples": n,
+        "floor_ms": 1e3 * t_floor / n,
+        "chip_ms": 1e3 * t_chip / n,
+        "ratio": ratio,
+        "target": f"<={FLOOR_TARGET} {'PASS' if ratio <= FLOOR_TARGET else 'FAIL'}",
+    }
+
+
+def floor_table(args) -> None:
+    print(
+        "\nchip vs the floor (float64 Gram + eigh per sample) at every hook-point shape of "
+        + ", ".join(FLOOR_ARCHS)
+    )
+    header = (
+        f"{'shape (C,H,W)':<18}{'N':>5}{'floor ms':>10}{'chip ms':>10}{'chip/floor':>12}  target"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = [bench_floor(shape, args) for shape in model_shapes()]
+    for r in rows:
+        print(
+            f"{str(r['shape']):<18}{r['samples']:>5}{r['floor_ms']:>10.3f}{r['chip_ms']:>10.3f}"
+            f"{r['ratio']:>12.2f}  {r['target']}",
+            flush=True,
+        )
+    worst = max(rows, key=lambda r: r["ratio"])
+    print(f"worst: {worst['ratio']:.2f} at {worst['shape']}; ms = wall ms per sample")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batches and subsets (smoke)")
@@ -159,6 +244,13 @@ def main(argv=None) -> None:
         "--channels", type=int, default=6, help="channels timed for the slow methods when C > 64"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=("floor", "ref"), default=None, help="one table only")
+    parser.add_argument(
+        "--floor-samples",
+        type=int,
+        default=None,
+        help="samples per floor timing (default: by size)",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -171,7 +263,14 @@ def main(argv=None) -> None:
         f"{os.cpu_count()} CPUs, load avg {load:.1f}; ReLU'd Gaussian float32 maps; "
         f"wall time, best of {args.repeats} (chip) / {args.slow_repeats} (oracle, ref)"
     )
-    print("oracle/ref: timed on a subset 'samples x channels' and extrapolated to a full sample")
+    if args.only != "ref":
+        floor_table(args)
+    if args.only != "floor":
+        reference_table(args)
+
+
+def reference_table(args) -> None:
+    print("\noracle/ref: timed on a subset 'samples x channels' and extrapolated to a full sample")
     header = (
         f"{'shape (N,C,H,W)':<20}{'chip ms':>9}{'(cpu)':>8}{'oracle ms':>12}{'ref ms':>12}"
         f"{'x oracle':>10}{'x ref':>9}{'err':>10}{'ref err':>10}{'subset':>8}  target"

@@ -32,6 +32,12 @@ def _duplicated(n, c, length):
     return torch.cat([x, x[:, :2], x[:, 1:2]], dim=1)  # channel 0 twice, channel 1 three times
 
 
+def _near_span(n, c, length, eps=1e-4):
+    base = torch.randn(n, c, length, dtype=torch.float64)
+    off = base[:, :3].sum(1, keepdim=True) + eps * torch.randn(n, 1, length, dtype=torch.float64)
+    return torch.cat([base, off], dim=1)
+
+
 # name -> fmaps factory, in the style of timm's parametrised model tests
 CASES = {
     "gauss_4d": lambda: _gauss(2, 12, 5, 6),
@@ -50,6 +56,9 @@ CASES = {
     "volume_5d": lambda: _relu(2, 8, 3, 4, 5),
     "identical_rows": lambda: torch.randn(1, 1, 20).expand(2, 30, 20).contiguous(),
     "scaled_rows": lambda: _gauss(2, 10, 30) * torch.logspace(-4, 0, 10)[None, :, None],
+    # a row just off the span of three others: its null weight is tiny but resolved
+    "near_span": lambda: _near_span(2, 12, 30),
+    "near_span_hw_lt_c": lambda: _near_span(2, 12, 8),
 }
 
 
@@ -63,6 +72,84 @@ def test_matches_oracle(case):
     scale = ref.abs().max().item()
     assert scale > 0
     assert (fast - ref).abs().max().item() <= REL_TOL * scale
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_oracle_to_roundoff(case):
+    """The quadrature and its tail series are exact to float64 roundoff on well-posed maps."""
+    fmaps = CASES[case]()
+    ref = channel_independence_oracle(fmaps)
+    fast = channel_independence(fmaps)
+    assert (fast - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
+
+
+def test_float32_maps_cast_in_pieces_match_float64():
+    """Float32 maps are cast to float64 a few samples at a time: same result as float64 maps."""
+    fmaps = _relu(9, 8, 64, 64)  # 8 x 4096 positions: a 1 MiB float64 buffer holds 4 samples
+    full = channel_independence(fmaps.double(), chunk_size=9)
+    torch.testing.assert_close(
+        channel_independence(fmaps, chunk_size=9), full, rtol=0, atol=1e-13 * full.max().item()
+    )
+
+
+def test_thread_pool_gives_the_sequential_result(monkeypatch):
+    """Chunks spread over threads (also from inside inference_mode, as calibrate calls it)."""
+    import chip.ci as ci
+
+    fmaps = _relu(12, 10, 5, 5)
+    monkeypatch.setattr(ci, "_workers", lambda x: 1)
+    alone = channel_independence(fmaps, chunk_size=3)
+    monkeypatch.setattr(ci, "_workers", lambda x: 3)
+    with torch.inference_mode():
+        maps = fmaps.double()
+        pooled = channel_independence(maps, chunk_size=3)
+    assert torch.equal(pooled, alone)
+
+
+def test_single_position_closed_form_has_no_cancellation():
+    """(N, C) maps: CI_i = a_i^2 / (||a|| + ||a_-i||), exact even when one channel dominates."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 50
+    a = torch.tensor([[1.0, 1e-9, 3e-9, 0.0, 2e-12]], dtype=torch.float64)
+    out = channel_independence(a)[0]
+    vals = [Decimal(v) for v in a[0].tolist()]
+    total = sum(v * v for v in vals).sqrt()
+    for i in range(len(vals)):
+        rest = sum(u * u for j, u in enumerate(vals) if j != i).sqrt()
+        want = float(total - rest)
+        assert abs(out[i].item() - want) <= 1e-15 * abs(want) + 1e-300
+
+
+def test_log_series_coefficients():
+    from chip.ci import _log_series
+
+    one = torch.ones(())
+    # log(1 + x) = x - x^2/2 + x^3/3 - ...
+    got = _log_series(one, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(got, torch.tensor([1.0, -1 / 2, 1 / 3, -1 / 4]))
+    # log(2 + 3x + x^2) = log 2 + log(1 + x) + log(1 + x/2)
+    got = _log_series(2 * one, torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    want = torch.tensor([(-1.0) ** (n + 1) / n * (1 + 0.5**n) for n in range(1, 5)])
+    torch.testing.assert_close(got, want)
+
+
+def test_nodes_follow_the_spectrum():
+    """Few nodes for well-conditioned maps; the grid reaches down to a small feature."""
+    import chip.ci as ci
+
+    def nodes(maps):
+        lam, w, w0, live = ci._spectral_weights(maps)
+        lam = lam / lam[:, -1:]
+        kept = lam > 0
+        p1 = w @ torch.where(kept, lam, 1.0).reciprocal().mul(kept)[..., None]
+        null = w0 + (w @ (~kept).double()[..., None])[..., 0]
+        return ci._u_grid(lam, null, p1[..., 0], live, maps.shape[1], maps.shape[2])
+
+    plain = nodes(_relu(2, 16, 64).double())
+    assert plain.numel() < 50 and plain[-1] == ci._U_HI
+    deep = nodes(_near_span(1, 12, 30, eps=1e-5))  # smallest eigenvalue ~1e-10 of the largest
+    assert deep.numel() > plain.numel() and deep[0] < plain[0] - 5
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 5])
