@@ -258,10 +258,10 @@ def _ci_chunk(x: torch.Tensor) -> torch.Tensor:
     # (2J + 2, B, C): each moment contiguous (strided elementwise math is several times slower)
     moments = (w @ torch.cat(columns, dim=-1)).movedim(-1, 0).contiguous()
     null = w0 + moments[0]  # null weight, including the zeroed eigenvalues' weights
-    p = moments[1 : terms + 2].unbind(0)  # p_j = sum_k w_k / l_k^j (kept k)
-    m = moments[terms + 2 :].unbind(0)  # m_j = sum_k w_k l_k^j
+    # moments[j] = p_j = sum_k w_k / l_k^j (kept k, j = 1..J+1), then m_j = sum_k w_k l_k^j
+    p1 = moments[1]
 
-    u = _u_grid(lam, null, p[0], live, channels, length)
+    u = _u_grid(lam, null, p1, live, channels, length)
     t = u.exp()  # (Q,)
     s = t.square()
     # below sigma_max: d = w0 + sum w s/(l+s); above: d - 1 = -sum w l/(l+s) (keeps its digits)
@@ -285,20 +285,18 @@ def _ci_chunk(x: torch.Tensor) -> torch.Tensor:
     # otherwise d = s (p_1 - p_2 s + p_3 s^2 - ...), so log d = log s + log p_1 + series.
     # Above: d = 1 - sum_j (-1)^(j+1) m_j / s^j. The three series are summed at once.
     s0, t0, inv_hi = float(s[0]), float(t[0]), 1.0 / float(s[-1])
-    safe_null, safe_p1 = null.clamp(min=_TINY), p[0].clamp(min=_TINY)
+    safe_null, safe_p1 = null.clamp(min=_TINY), p1.clamp(min=_TINY)
+    powers = [[-((-s0) ** n), (-s0) ** n, (-inv_hi) ** n] for n in range(1, terms + 1)]
     coeffs = torch.stack(
-        [
-            torch.stack([-((-s0) ** n) * p[n - 1], (-s0) ** n * p[n], (-inv_hi) ** n * m[n - 1]])
-            for n in range(1, terms + 1)
-        ]
-    )  # (J, 3, B, C)
+        [moments[1 : terms + 1], moments[2 : terms + 2], moments[terms + 2 :]], dim=1
+    ).mul_(moments.new_tensor(powers)[..., None, None])  # (J, 3, B, C)
     series = _log_series(torch.stack([safe_null, safe_p1, torch.ones_like(null)]), coeffs)
     ratios = [[_tail_ratio(2 * n + 1)] * 2 + [_tail_ratio(2 * n - 1)] for n in range(1, terms + 1)]
     tails = (series * series.new_tensor(ratios)[..., None, None]).sum(0)  # (3, B, C)
     with_null = torch.log(safe_null) * _tail_ratio(1) + tails[0]
     log_steps = math.exp(-h) / math.expm1(-h) ** 2  # sum_m m e^{-mh}
     full = (torch.log(safe_p1) + math.log(s0)) * _tail_ratio(1) - 2 * h * log_steps + tails[1]
-    left = t0 * torch.where((null > 0) & (p[0] * s0 < null), with_null, full)
+    left = t0 * torch.where((null > 0) & (p1 * s0 < null), with_null, full)
     right = float(t[-1]) * tails[2]
 
     scale = top.sqrt() * (-h / math.pi)
