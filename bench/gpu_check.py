@@ -3,6 +3,9 @@
 Run through ``bench/gpu.sh`` on a machine with a GPU (it installs Torch-Pruning from ``.whl/`` and
 sets ``PYTHONPATH=src``); under 8 minutes on one H100. Prints ONE table:
 
+* eigh routes: ms per matrix of each way chip.ci can diagonalise a batch of 64 Gram matrices
+  (CUDA default / cuSOLVER / MAGMA / a round trip to the CPU) at the zoo's and ResNet-50's Gram
+  sizes, and the route chip picks (issue: CUDA batched eigh slow above n = 32);
 * CI speed: ``chip.ci.channel_independence`` in ms per sample at the ImageNet ResNet-50 shapes
   (16,256,56,56), (16,512,28,28), (16,2048,7,7) (ReLU'd Gaussian maps, float64 inside);
 * calibrate overhead: ``chip.calibrate`` on a ResNet-50 over 5 x 64 synthetic 224x224 images,
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 import chip
-from chip.ci import channel_independence
+from chip.ci import CUDA_EIGH_ROUTES, channel_independence, choose_eigh_route, time_eigh_route
 from chip.counting import count
 from chip.groups import find_groups
 from chip.latency import measure_latency
@@ -52,6 +55,8 @@ class Sizes:
     timed_iters: int
     latency_batches: tuple[int, ...]
     latency_repeats: int
+    eigh_sizes: tuple[int, ...] = (16, 32, 49, 64, 128, 196, 256, 512)  # zoo + ResNet-50 Grams
+    eigh_batch: int = 64
 
 
 FULL = Sizes(
@@ -75,6 +80,8 @@ SMOKE = Sizes(
     timed_iters=2,
     latency_batches=(1, 4),
     latency_repeats=3,
+    eigh_sizes=(8, 40),
+    eigh_batch=4,
 )
 
 Row = tuple[str, str, float, str]  # (section, item, value, unit)
@@ -106,6 +113,20 @@ def ci_speed(sizes: Sizes, device: torch.device) -> list[Row]:
         channel_independence(x[:1])  # warm-up (kernels, solver handles)
         best = min(timed(lambda x=x: channel_independence(x), device) for _ in range(2))
         rows.append(("CI speed", "x".join(map(str, shape)), 1e3 * best / shape[0], "ms/sample"))
+    return rows
+
+
+def eigh_routes(sizes: Sizes, device: torch.device) -> list[Row]:
+    """ms per matrix of every eigh route chip.ci can take (CUDA: default, cusolver, magma, a
+    round trip to the CPU) at the Gram sizes of the zoo and ResNet-50, and the route chosen."""
+    routes = CUDA_EIGH_ROUTES if device.type == "cuda" else ("default",)
+    rows = []
+    for n in sizes.eigh_sizes:
+        seconds = {r: time_eigh_route(r, device, n, sizes.eigh_batch) for r in routes}
+        per = {r: 1e3 * t / sizes.eigh_batch for r, t in seconds.items()}
+        rows += [(f"eigh n={n}", route, ms, "ms/matrix") for route, ms in per.items()]
+        chosen = choose_eigh_route(seconds)
+        rows.append((f"eigh n={n}", f"chosen: {chosen}", per[chosen], "ms/matrix"))
     return rows
 
 
@@ -232,6 +253,7 @@ def train_and_latency(sizes: Sizes, device: torch.device) -> list[Row]:
 
 
 PARTS: dict[str, Callable[[Sizes, torch.device], list[Row]]] = {
+    "eigh": eigh_routes,
     "ci": ci_speed,
     "calibrate": calibrate_overhead,
     "train": train_and_latency,

@@ -402,3 +402,48 @@ def test_channel_rank_non_finite_raises():
     maps[0, 1, 1, 1] = float("nan")
     with pytest.raises(ChipError, match="NaN or Inf"):
         channel_rank(maps)
+
+
+# ---------------------------------------------------------------- eigh routes (fake timings)
+
+
+def test_choose_eigh_route_prefers_the_device_within_five_percent():
+    from chip.ci import choose_eigh_route
+
+    assert choose_eigh_route({"default": 1.0, "cusolver": 1.2, "cpu": 0.5}) == "cpu"
+    assert choose_eigh_route({"default": 1.0, "cusolver": 1.2, "cpu": 0.97}) == "default"
+    assert choose_eigh_route({"default": 1.0, "magma": 0.6, "cpu": 0.62}) == "magma"
+    inf = float("inf")
+    assert choose_eigh_route({"default": inf, "magma": inf, "cpu": 2.0}) == "cpu"
+
+
+def test_eigh_router_measures_once_per_size_and_batch_bucket():
+    from chip.ci import EighRouter
+
+    # a GPU whose batched eigh falls off above n = 32: the CPU wins there
+    def fake_timer(route, device, n, batch):
+        calls.append((route, n, batch))
+        gpu = 1e-3 if n <= 32 else 1e-3 * (n / 32) ** 3 * batch / 8
+        return {"default": gpu, "cusolver": 1.5 * gpu, "magma": 2 * gpu, "cpu": 2e-4 * n}[route]
+
+    calls = []
+    router = EighRouter(timer=fake_timer)
+    cuda = torch.device("cuda:0")
+    assert router.route(cuda, 16, 100) == "default"
+    assert router.route(cuda, 64, 100) == "cpu"
+    assert len(calls) == 8 and {b for _, _, b in calls} == {128}  # batch rounded up to 2^k
+    assert router.route(cuda, 64, 120) == "cpu" and len(calls) == 8  # same bucket: cached
+    router.route(cuda, 64, 300)
+    assert len(calls) == 12
+    assert router.route(torch.device("cpu"), 64, 100) == "default" and len(calls) == 12
+
+
+def test_eigh_routes_agree_on_cpu():
+    from chip.ci import EIGH, EIGH_ROUTES
+
+    a = torch.randn(5, 7, 9, dtype=torch.float64)
+    gram = a @ a.mT
+    lam, vecs = torch.linalg.eigh(gram)
+    for fn in (EIGH, EIGH_ROUTES["cpu"], EIGH_ROUTES["default"]):
+        got_lam, got_vecs = fn(gram)
+        assert torch.equal(got_lam, lam) and torch.equal(got_vecs, vecs)

@@ -41,7 +41,8 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -123,6 +124,95 @@ def _rel_cutoff(channels: int, length: int) -> float:
     return max(channels, length) * torch.finfo(torch.float64).eps
 
 
+class EighRouter:
+    """Where a batch of symmetric matrices is diagonalised, chosen per size by measurement.
+
+    On CPU it is always ``torch.linalg.eigh``. On CUDA, batched ``eigh`` has been slow for some
+    sizes and releases (a per-matrix loop above n = 32 in some cuSOLVER paths), so the first call
+    at each (device, n, batch size rounded up to a power of two) times every route in
+    :data:`EIGH_ROUTES` on random matrices of that shape and keeps the fastest (the device's own
+    routes win ties within 5 %). The choice is kept for the process.
+
+    ``timer(route, device, n, batch)`` returns seconds; the default times 3 runs after a warm-up.
+    """
+
+    def __init__(self, timer: Callable[[str, torch.device, int, int], float] | None = None):
+        self.timer = timer or time_eigh_route
+        self.choices: dict[tuple[str, int, int], str] = {}
+
+    def route(self, device: torch.device, n: int, batch: int) -> str:
+        """The route for ``batch`` matrices of size ``n x n`` on ``device``."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return "default"
+        key = (str(device), n, 1 << max(0, batch - 1).bit_length())
+        if key not in self.choices:
+            timings = {name: self.timer(name, device, n, key[2]) for name in CUDA_EIGH_ROUTES}
+            self.choices[key] = choose_eigh_route(timings)
+        return self.choices[key]
+
+    def __call__(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return EIGH_ROUTES[self.route(gram.device, gram.shape[-1], gram.shape[0])](gram)
+
+
+def choose_eigh_route(timings: dict[str, float]) -> str:
+    """The fastest route of ``{route: seconds}``; a device route within 5 % of it wins."""
+    fastest = min(timings.values())
+    on_device = [r for r in timings if r != "cpu" and timings[r] <= 1.05 * fastest]
+    return min(on_device, key=timings.__getitem__) if on_device else "cpu"
+
+
+def _eigh_with(library: str):
+    def run(gram: torch.Tensor):
+        previous = torch.backends.cuda.preferred_linalg_library()
+        torch.backends.cuda.preferred_linalg_library(library)
+        try:
+            return torch.linalg.eigh(gram)
+        finally:
+            torch.backends.cuda.preferred_linalg_library(previous)
+
+    return run
+
+
+def _eigh_on_cpu(gram: torch.Tensor):
+    lam, vecs = torch.linalg.eigh(gram.cpu())
+    return lam.to(gram.device, non_blocking=True), vecs.to(gram.device, non_blocking=True)
+
+
+# route name -> eigh(gram) -> (eigenvalues, eigenvectors)
+EIGH_ROUTES: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "default": torch.linalg.eigh,
+    "cusolver": _eigh_with("cusolver"),
+    "magma": _eigh_with("magma"),
+    "cpu": _eigh_on_cpu,
+}
+CUDA_EIGH_ROUTES = ("default", "cusolver", "magma", "cpu")
+
+
+def time_eigh_route(route: str, device: torch.device, n: int, batch: int) -> float:
+    """Median seconds of 3 runs of ``route`` on ``batch`` random SPD ``n x n`` float64 matrices."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(batch, n, n + 4, generator=gen, dtype=torch.float64)
+    gram = (a @ a.mT).to(device)
+    fn = EIGH_ROUTES[route]
+    try:
+        fn(gram)  # warm-up (handles, workspaces)
+    except RuntimeError:  # a library this build lacks
+        return math.inf
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
+    times = []
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        fn(gram)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[1]
+
+
+EIGH = EighRouter()
+
+
 def _gram_float64(x: torch.Tensor) -> torch.Tensor:
     """``A A^T`` of every sample of ``x`` (B, C, M) with ``C <= M``, in float64.
 
@@ -158,7 +248,7 @@ def _spectral_weights(x: torch.Tensor):
         gram = a.mT @ a
     # every map entry reaches the diagonal (a sum of squares): NaN/Inf anywhere shows there
     _check_finite(gram.diagonal(dim1=-2, dim2=-1).sum(-1))
-    lam, vecs = torch.linalg.eigh(gram)
+    lam, vecs = EIGH(gram)
     cutoff = lam[:, -1:].clamp(min=0) * _rel_cutoff(channels, length)
     kept = lam > cutoff
     lam = torch.where(kept, lam, torch.zeros_like(lam))
