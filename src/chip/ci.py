@@ -255,20 +255,24 @@ def _spectral_weights(x: torch.Tensor):
     if channels <= length:
         # w_ik = U_ik^2; the weights on the zeroed eigenvalues act as the null weight
         live = gram.diagonal(dim1=-2, dim2=-1) > 0
-        return lam, vecs.square(), torch.zeros_like(lam), live
+        return lam, vecs.mul_(vecs), torch.zeros_like(lam), live
     # HW < C: A = Z diag(sqrt(l)) V^T, so w_ik = Z_ik^2 with Z = A V diag(l)^(-1/2) (kept k only)
     # and w0_i = 1 - ||Z_i||^2 (one minus the leverage of row i; a rank-one downdate of A^T A).
-    z = a @ (vecs * torch.where(kept, lam, 1.0).rsqrt().mul_(kept)[:, None, :])
-    w = z.square()
+    basis = vecs * torch.where(kept, lam, 1.0).rsqrt().mul_(kept)[:, None, :]
+    w = torch.matmul(a, basis)
+    w.mul_(w)  # Z squared in place; the few samples that need Z again recompute it
     lev = w.sum(-1)
     w0 = (1.0 - lev).clamp_(min=0.0)
-    _refine_null_weights(z, lev, w0)
+    _refine_null_weights(a, basis, lev, w0)
     return lam, w, w0, lev > 0
 
 
-def _refine_null_weights(z: torch.Tensor, lev: torch.Tensor, w0: torch.Tensor) -> None:
+def _refine_null_weights(
+    a: torch.Tensor, basis: torch.Tensor, lev: torch.Tensor, w0: torch.Tensor
+) -> None:
     """Recompute small null weights ``w0 = 1 - lev`` without cancellation (in place).
 
+    ``a`` (B, C, M) are the float64 maps and ``basis`` (B, M, K) is ``V diag(l)^(-1/2)``.
     ``P = Z Z^T`` projects onto the column space of ``A``, so ``P_ii - P_ii^2 = sum_{j!=i} P_ij^2``
     and ``1 - P_ii = sum_{j!=i} P_ij^2 / P_ii``: a sum of squares, exact to roundoff even where
     row ``i`` is (nearly) outside the span of the other rows and ``1 - P_ii`` would cancel.
@@ -279,7 +283,8 @@ def _refine_null_weights(z: torch.Tensor, lev: torch.Tensor, w0: torch.Tensor) -
     small = (w0 < _REFINE_BELOW) & (lev > 0)
     for b in torch.nonzero(small.any(-1)).flatten().tolist():
         rows = torch.nonzero(small[b]).flatten()
-        hat = z[b, rows] @ z[b].mT  # (R, C)
+        z = a[b] @ basis[b]  # (C, K): Z = A V diag(l)^(-1/2) of this sample
+        hat = z[rows] @ z.mT  # (R, C)
         hat[torch.arange(rows.numel(), device=z.device), rows] = 0.0
         w0[b, rows] = hat.square().sum(-1) / lev[b, rows]
 
