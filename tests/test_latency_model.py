@@ -221,3 +221,17 @@ def test_a_noisy_half_width_timing_never_makes_fewer_channels_slower():
     rest = {"half_widths": {"g": 2}, "weights": {"g": [100, 4]}, "half_ms": 20.0, "a_half": 0.5}
     table = LatencyTable(10.0, layers, {"g": 1}, {}, rest)  # half width measured slower
     assert table.predict({"g": 2}) == pytest.approx(6.0 + 1.0)  # other operations: unchanged
+
+
+def test_layers_that_promise_more_than_the_half_width_model_saves_are_scaled_to_it():
+    """Isolated layers can shrink faster than the model does (several CPU threads): the
+    prediction then matches the measured half-width model, and the whole model stays whole."""
+    from chip.latency import LatencyTable
+
+    layers = {"conv": {"ms": 8.0, "sides": [["g", [[2, 1.0], [3, 4.5], [4, 8.0]]]]}}
+    rest = {"half_widths": {"g": 2}, "weights": {"g": [100, 4]}, "half_ms": 8.0, "a_half": 0.5}
+    table = LatencyTable(10.0, layers, {"g": 1}, {}, rest)
+    assert table.predict({}) == pytest.approx(10.0)
+    assert table.predict({"g": 2}) == pytest.approx(8.0)  # the measured half-width model
+    assert table.predict({"g": 3}) == pytest.approx(10.0 - (2.0 / 7.0) * 3.5)
+    assert table.predict({"g": 2}) < table.predict({"g": 3}) < table.predict({"g": 4})

@@ -248,7 +248,8 @@ class LatencyTable:
     time of every other operation (norms, activations, adds, pooling, call overhead):
     ``base_ms - sum(ms)`` for the whole model, and linear in the kept share of the groups'
     activations (``rest["weights"]``: per group, its producers' output elements and channels),
-    fitted to one measured model with every group at half width (``rest["half_ms"]``). Without
+    fitted to one measured model with every group at half width (``rest["half_ms"]``); where the
+    layers alone promise more than that model saves, all savings are scaled to match it. Without
     that measurement (``rest`` empty) the other operations keep their time. :func:`chip.plan`
     reports the prediction; compare it with :func:`measure_latency` of the pruned model.
     """
@@ -277,22 +278,38 @@ class LatencyTable:
         return kept / total if total > 0 else 1.0
 
     @functools.cached_property
-    def _rest_line(self) -> tuple[float, float]:
+    def _fit(self) -> tuple[float, float, float]:
         """(ms of the other operations for the whole model, ms they lose per unit of activation
-        share removed); computed once per table, as every prediction needs them."""
+        share removed, the share of the predicted savings that is real); computed once per
+        table, as every prediction needs them.
+
+        The half-width measurement first sets the slope of the other operations. When the layers
+        alone already promise more than the measured saving (isolated layers run faster per
+        channel than in the model, as with several threads on a CPU), the slope stays 0 and the
+        savings are scaled down instead, so that the half-width prediction is the measured time.
+        """
         rest = max(0.0, self.base_ms - self._layer_ms({}))
         if not self.rest:
-            return rest, 0.0
-        rest_half = max(0.0, self.rest["half_ms"] - self._layer_ms(self.rest["half_widths"]))
+            return rest, 0.0, 1.0
+        half = self.rest["half_widths"]
+        rest_half = max(0.0, self.rest["half_ms"] - self._layer_ms(half))
         # never slower with fewer activations (a noisy half-width timing can say otherwise)
-        return rest, max(0.0, (rest - rest_half) / (1.0 - self.rest["a_half"]))
+        slope = max(0.0, (rest - rest_half) / (1.0 - self.rest["a_half"]))
+        promised = self._raw({}, rest, slope) - self._raw(half, rest, slope)
+        measured = self.base_ms - self.rest["half_ms"]
+        share = min(1.0, measured / promised) if measured > 0 and promised > 0 else 1.0
+        return rest, slope, share
 
-    def predict(self, widths: Mapping[str, int]) -> float:
-        """Predicted ms of the model with these group widths (groups not named stay whole)."""
-        rest, slope = self._rest_line
+    def _raw(self, widths: Mapping[str, int], rest: float, slope: float) -> float:
         if slope > 0:
             rest = max(0.0, rest - slope * (1.0 - self._kept_activations(widths)))
         return rest + self._layer_ms(widths)
+
+    def predict(self, widths: Mapping[str, int]) -> float:
+        """Predicted ms of the model with these group widths (groups not named stay whole)."""
+        rest, slope, share = self._fit
+        whole = self._raw({}, rest, slope)
+        return whole - share * (whole - self._raw(widths, rest, slope))
 
     def to_dict(self) -> dict:
         return asdict(self)
