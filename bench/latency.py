@@ -115,7 +115,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         extra = (
             f"{r['latency_ratio']:9.3f} {r['latency_ratio'] / r['macs_ratio']:8.3f} "
-            f"{r['prediction_error']:+8.1%}  {r['target']}"
+            f"{_percent(r['prediction_error']):>8s}  {r['target']}"
             if r["pruned"]
             else f"{'-':>9s} {'-':>8s} {'-':>8s}  -"
         )
@@ -124,6 +124,10 @@ def table(rows: list[dict]) -> str:
             f"{r['latency_ms']:9.2f} {extra}"
         )
     return "\n".join(lines)
+
+
+def _percent(x: float) -> str:
+    return f"{x:+.1%}" if x == x else "-"  # NaN: no latency table behind the plan
 
 
 def _verdict(v: Variant, macs_ratio: float, ratio: float) -> str:

@@ -539,6 +539,12 @@ def _latency_lines(p, measured: tuple[float, float] | None = None) -> list[str]:
     where = f"batch {lat['batch']}, {lat['device']}, {lat['threads']} threads"
     base, pred = lat["base_ms"], lat["predicted_ms"]
     lines = [f"latency {base:.3f} ms -> {pred:.3f} ms predicted ({pred / base:.3f}) [{where}]"]
+    if "measured_ratio" in lat:
+        asked = ", ".join(f"{r['asked']:.3f} -> {r['measured']:.3f}" for r in lat["rounds"])
+        lines.append(
+            f"latency checked on pruned copies: {lat['measured_ratio']:.3f} of "
+            f"{lat['measured_base_ms']:.3f} ms measured (asked -> measured: {asked})"
+        )
     if measured is not None:
         m0, m1 = measured
         lines.append(
@@ -671,6 +677,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 threads=lat["threads"],
                 batch=lat["batch"],
             )
+            if "measured_ratio" in lat:
+                obj.update(measured_latency_ratio=lat["measured_ratio"])
         print(json.dumps(obj))
         return 0
     lines = [

@@ -35,6 +35,8 @@ __all__ = [
     "latency_table",
     "measure_latency",
     "measure_table",
+    "measure_widths",
+    "meet_latency",
     "table_key",
 ]
 
@@ -346,6 +348,60 @@ def _pruned_ms(model: nn.Module, graph, widths: dict[str, int], input_size) -> f
     p = PruningPlan(groups, input_size=(1, *tuple(input_size)[1:]), skipped=dict(graph.skipped))
     pruned = apply(model, p, verify=False)
     return measure_latency(pruned, input_size, warmup=3, repeats=10).median_ms
+
+
+def meet_latency(
+    solve_at: Callable[[float], tuple[dict[str, int], dict]],
+    fraction: float,
+    measure: Callable[[dict[str, int] | None], float],
+    *,
+    rounds: int = 3,
+    tolerance: float = 0.03,
+) -> tuple[dict[str, int], dict, dict]:
+    """Meet a ``latency=fraction`` budget as measured, not only as predicted.
+
+    ``solve_at(f)`` returns ``(widths, record)`` for a predicted budget ``f``; ``measure(widths)``
+    the ms of the model pruned to ``widths`` (``None``: unpruned), both measured now. Each round
+    measures the solved widths; the next asks for ``f * aim / measured``, ``aim`` the middle of
+    the band ``[fraction * (1 - tolerance), fraction]``. It stops inside the band or after
+    ``rounds``, and returns the widest widths measured at most ``fraction`` (else the fastest),
+    their record, and ``{"measured_base_ms", "measured_ratio", "rounds": [{"asked",
+    "measured"}]}``.
+    """
+    from .errors import ChipError
+
+    base = measure(None)
+    asked, history, best = fraction, [], None
+    for _ in range(rounds):
+        try:
+            widths, record = solve_at(asked)
+        except ChipError:
+            if best is None:
+                raise
+            break  # the correction asked for more than the model can give
+        ratio = measure(widths) / base
+        history.append({"asked": asked, "measured": ratio})
+        met = ratio <= fraction
+        rank = (met, sum(widths.values()) if met else -ratio)
+        if best is None or rank > best[0]:
+            best = (rank, widths, record, ratio)
+        if fraction * (1 - tolerance) <= ratio <= fraction:
+            break
+        asked = min(1.0, asked * fraction * (1 - tolerance / 2) / ratio)  # aim inside the band
+    _, widths, record, ratio = best
+    return widths, record, {"measured_base_ms": base, "measured_ratio": ratio, "rounds": history}
+
+
+def measure_widths(model: nn.Module, graph, input_size) -> Callable[[dict | None], float]:
+    """``measure`` for :func:`meet_latency`: median ms of ``model`` (``None``) or of a copy
+    pruned to the given widths, at ``input_size`` on the model's device and thread count."""
+
+    def measure(widths: dict | None) -> float:
+        if widths is None:
+            return measure_latency(model, input_size, warmup=3, repeats=10).median_ms
+        return _pruned_ms(model, graph, widths, input_size)
+
+    return measure
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:

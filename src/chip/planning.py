@@ -363,7 +363,10 @@ def plan(
         progress: show a progress bar over ``sensitivity``'s evaluations.
         latency_batch: the batch size a ``latency=`` target and ``round_to="auto"`` are
             measured at, on the device of the model's parameters and with torch's current
-            thread count (:func:`chip.latency.latency_table`, cached on disk).
+            thread count (:func:`chip.latency.latency_table`, cached on disk). A ``latency=``
+            budget is then checked on pruned copies measured against the model, and the asked
+            budget corrected, up to 3 rounds (:func:`chip.latency.meet_latency`; recorded in
+            ``stats["latency"]["rounds"]``).
         time_layer: replaces the layer timer (tests).
 
     Raises:
@@ -399,19 +402,31 @@ def plan(
         table = latency_table(model, graph, size, time_layer=time_layer)
         if round_to == "auto":
             round_to = dict(table.steps)
+    measured = None
     if kind == "budget":
-        widths, record = solve(
-            *value,
-            graph,
-            counter,
-            round_to,
-            allocation,
-            latency=table,
-            scores=scores,
-            model=model,
-            data=data,
-            progress=progress,
-        )
+
+        def solve_at(fraction: float):
+            return solve(
+                value[0],
+                fraction,
+                graph,
+                counter,
+                round_to,
+                allocation,
+                latency=table,
+                scores=scores,
+                model=model,
+                data=data,
+                progress=progress,
+            )
+
+        if value[0] == "latency" and time_layer is None:  # a real timer: check it measured
+            from .latency import measure_widths, meet_latency
+
+            measure = measure_widths(model, graph, (latency_batch, *input_size[1:]))
+            widths, record, measured = meet_latency(solve_at, value[1], measure)
+        else:
+            widths, record = solve_at(value[1])
     else:
         rates = {
             "sparsity": lambda: _sparsity_rates(arch, value, graph),
@@ -446,6 +461,8 @@ def plan(
             "threads": table.key["threads"],
             "batch": table.key["input_size"][0],
         }
+        if measured is not None:
+            stats["latency"].update(measured)
     if isinstance(round_to, dict):
         stats["round_to"] = {g.name: round_to.get(g.name, 1) for g in graph}
     if kind == "budget":
