@@ -12,6 +12,8 @@
 #   bash bench/gpu.sh                 # full check (CUDA)
 #   bash bench/gpu.sh --smoke         # the same script at tiny sizes on the CPU
 #   bash bench/gpu.sh --json out.json # also write the rows as JSON
+#   bash bench/gpu.sh --latency       # bench/latency.py on CUDA instead (MACs vs measured latency,
+#                                     # round_to=auto, latency=0.5; batch 1 and 64)
 #   bash bench/gpu.sh --allocation-study  # bench/study_allocation.py at full size on CUDA instead
 #                                         # (Fashion-MNIST files, nvidia-modelopt; about an hour)
 set -euo pipefail
@@ -29,6 +31,10 @@ for mod in torch_pruning tqdm; do
       "${mod//_/-}"
   fi
 done
+if [[ "${1:-}" == "--latency" ]]; then  # bench/latency.py on CUDA (latency tables by CUDA events)
+  shift
+  exec "$PY" bench/latency.py --device cuda "$@"
+fi
 if [[ "${1:-}" == "--allocation-study" ]]; then
   exec "$PY" bench/study_allocation.py --scale full --device cuda \
     --out-dir runs/study_allocation_full --results runs/study_allocation_full/RESULTS.md

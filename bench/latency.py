@@ -20,6 +20,7 @@ The prediction error of chip's table is printed for every pruned row.
     python bench/latency.py                          # full run
     python bench/latency.py --quick --threads 1      # a quick look (fewer repeats, 112x112)
     python bench/latency.py --models resnet56 --json out.json
+    bash bench/gpu.sh --latency                      # the same on CUDA (--device cuda)
 """
 
 from __future__ import annotations
@@ -67,13 +68,14 @@ class Variant:
 PLANS = [(None, 1), ("flops=0.5", 1), ("flops=0.5", "auto"), ("latency=0.5", 1)]
 
 
-def build(variant: Variant, size: int, batch: int, seed: int = 0):
-    """(model pruned by ``variant`` with random scores, plan or None)."""
-    model = BUILDERS[variant.arch]().eval()
+def build(variant: Variant, size: int, batch: int, device: str = "cpu", seed: int = 0):
+    """(model pruned by ``variant`` with random scores, planned and timed on ``device``; plan
+    or None)."""
+    model = BUILDERS[variant.arch]().eval().to(device)
     if variant.target is None:
         return model, None
     input_size = (1, 3, size, size)
-    graph = find_groups(model, torch.zeros(input_size))
+    graph = find_groups(model, torch.zeros(input_size, device=device))
     gen = torch.Generator().manual_seed(seed)
     scores = {g.name: torch.rand(g.channels, generator=gen) for g in graph}
     p = plan(model, scores, variant.target, round_to=variant.round_to, input_size=input_size,
@@ -149,9 +151,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per round (default 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per round (default 3)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--device", default="cpu", help="where to plan and time (cpu, cuda)")
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("latency.py: CUDA is not available (--device cpu times on the CPU)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    where = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     quick = args.quick
     big = args.image_size or (112 if quick else 224)
     sizes = {a: 32 if a == "resnet56" else big for a in args.models}
@@ -161,7 +171,7 @@ def main(argv=None) -> int:
     rows = []
     for batch in (1, args.batch):
         variants = [Variant(a, t, r) for a in args.models for t, r in PLANS]
-        built = {v: build(v, sizes[v.arch], batch) for v in variants}
+        built = {v: build(v, sizes[v.arch], batch, args.device) for v in variants}
         models = {v: m for v, (m, _) in built.items()}
         lat = time_models(models, sizes, batch, rounds, warmup, repeats)
         for v in variants:
@@ -188,7 +198,7 @@ def main(argv=None) -> int:
                 )  # fmt: skip
             )
     print(
-        f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; scores random; "
+        f"torch {torch.__version__}, {where}; scores random; "
         f"{rounds} rounds x {repeats} runs (warm-up {warmup}); latencies = median of round "
         f"medians; MACs = conv+linear, batch 1; targets: round_to=auto latency ratio <= "
         f"{AUTO_FACTOR} x MACs ratio; latency=F achieved <= {LATENCY_SLACK} F"
