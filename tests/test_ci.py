@@ -139,7 +139,8 @@ def test_nodes_follow_the_spectrum():
     import chip.ci as ci
 
     def nodes(maps):
-        lam, w, w0, live = ci._spectral_weights(maps)
+        lam, w, w0, norms = ci._spectral_weights(maps)
+        live = norms > 0
         lam = lam / lam[:, -1:]
         kept = lam > 0
         p1 = w @ torch.where(kept, lam, 1.0).reciprocal().mul(kept)[..., None]
@@ -447,3 +448,32 @@ def test_eigh_routes_agree_on_cpu():
     for fn in (EIGH, EIGH_ROUTES["cpu"], EIGH_ROUTES["default"]):
         got_lam, got_vecs = fn(gram)
         assert torch.equal(got_lam, lam) and torch.equal(got_vecs, vecs)
+
+
+# ---------------------------------------------------------------- extremes (found by a newcomer)
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e-160, 1e155])
+@pytest.mark.parametrize("shape", [(2, 8, 16), (2, 16, 8), (2, 8)])
+def test_extreme_float64_magnitudes_neither_underflow_nor_overflow(scale, shape):
+    x = torch.randn(*shape, dtype=torch.float64) * scale
+    ref = channel_independence_oracle(x)
+    fast = channel_independence(x)
+    assert (fast - ref).abs().max().item() <= 1e-10 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("length", [4, 16])
+def test_scores_stay_within_zero_and_the_row_norm_over_twenty_decades(length):
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.logspace(-10, 10, 8, dtype=torch.float64)[None, :, None]
+    x = torch.randn(3, 8, length, generator=gen, dtype=torch.float64) * rows
+    ci = channel_independence(x)
+    assert torch.all(ci >= 0) and not torch.signbit(ci).any()
+    assert torch.all(ci <= x.norm(dim=-1) * (1 + 1e-12))
+
+
+def test_zero_maps_score_plus_zero_and_chunk_size_is_checked_on_every_path():
+    for shape in [(2, 3, 4), (2, 3), (2, 3, 0)]:
+        assert not torch.signbit(channel_independence(torch.zeros(shape))).any()
+        with pytest.raises(ChipError, match="chunk_size"):
+            channel_independence(torch.zeros(shape), chunk_size=0)

@@ -11,7 +11,7 @@ import torch
 
 import chip
 from chip.errors import ChipError
-from chip.latency import detect_step, latency_table, measure_table, table_key
+from chip.latency import detect_step, latency_table, measure_latency, measure_table, table_key
 from chip.models import create
 from chip.planning import plan
 
@@ -129,6 +129,7 @@ def test_cli_plan_with_a_latency_target_prints_and_writes_latency(capsys, tmp_pa
     assert code == 0 and out["batch"] == 1 and out["threads"] == 1 and out["device"] == "cpu"
     # the plan is checked on pruned copies: the measured ratio is what the budget is held to
     assert 0 < out["measured_latency_ratio"] and out["latency_ms"] > 0
+    assert out["measured_base_latency_ms"] > 0 and out["latency_rounds"][0]["asked"] == 0.95
     code = cli.main(["plan", "--arch", "resnet20", "--input-size", "3,8,8", "--flops", "0.5",
                      "--round-to", "auto", "--quiet"])  # fmt: skip
     text = capsys.readouterr().out
@@ -258,6 +259,46 @@ def test_a_latency_budget_is_corrected_until_the_measured_model_meets_it():
     assert [r["asked"] for r in info["rounds"]] == [0.5, pytest.approx(second)]
     assert widths == {"g": 3} and info["measured_ratio"] == pytest.approx(0.5)
     assert record == {"asked": pytest.approx(second)}
-    # an unreachable correction keeps the best round measured so far
-    widths, _, info = meet_latency(solve_at, 0.2, measure)
+    # an unreachable target: the fastest plan measured, with a warning
+    from chip.errors import ChipWarning
+
+    with pytest.warns(ChipWarning, match=r"latency=0.2: the fastest plan found measures 0.300"):
+        widths, _, info = meet_latency(solve_at, 0.2, measure)
     assert widths == {"g": 1} and info["measured_ratio"] == pytest.approx(0.3)
+
+
+def test_every_group_whole_predicts_the_measured_model_and_latency_1_keeps_all():
+    """A layer on two groups timed separately at full width (noise: 4.0 vs 4.4 ms) still
+    predicts the measured whole model at full widths, so latency=1 prunes nothing."""
+    from chip.latency import LatencyTable
+
+    layers = {
+        "conv": {"ms": 4.4, "sides": [["g", [[2, 1.0], [4, 4.0]]], ["h", [[4, 2.2], [8, 4.4]]]]}
+    }
+    rest = {"half_widths": {"g": 2, "h": 4}, "weights": {"g": [100, 4], "h": [100, 8]},
+            "half_ms": 6.0, "a_half": 0.5}  # fmt: skip
+    table = LatencyTable(10.0, layers, {"g": 1, "h": 1}, {}, rest)
+    assert table.predict({"g": 4, "h": 8}) == table.predict({}) == 10.0
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    p = plan(model, None, "latency=1", input_size=(1, 3, 8, 8), time_layer=smooth)
+    assert all(g.kept == g.channels for g in p.groups.values())
+
+
+def test_latency_on_the_meta_device_is_one_line(capsys):
+    from chip import cli
+
+    argv = [
+        "plan",
+        "--arch",
+        "resnet20",
+        "--input-size",
+        "3,8,8",
+        "--latency",
+        "0.6",
+        "--device",
+        "meta",
+    ]
+    assert cli.main(argv) == 2
+    assert "--device meta holds no data" in capsys.readouterr().err
+    with pytest.raises(ChipError, match="meta device"):
+        measure_latency(torch.nn.Linear(2, 2, device="meta"), (1, 2))

@@ -31,10 +31,13 @@ sit at ``t = +-i sqrt(l)``, ``l`` the eigenvalues with and without row ``i``), s
 singular value. Beyond both ends the sum is closed in form from four terms of the integrand's
 series (``log d_i`` in ``s`` below the first node, in ``1/s`` above the last; each end's error
 ~``exp(-2 * 3 * 5)``), so a well-conditioned sample needs ~30 nodes.
-The remaining error is the float64 Gram matrix itself (singular values below ~1e-7 of the
-largest are not resolved), i.e. ~1e-8 of the largest singular value at worst. Measured against
-the SVD oracle: ~1e-14 relative on random, ReLU-sparse, low-rank, HW < C and duplicated-channel
-maps; ~1e-7 on maps with singular values spread over nine decades.
+The remaining error is the float64 Gram matrix itself: singular values below ~``sqrt(max(C, HW)
+* eps)`` (~5e-7 at HW = 1024) of the largest are not resolved, so channels more than ~1e6 times
+weaker than the strongest score with an error up to ~5e-7 of the largest singular value.
+Measured against the SVD oracle: ~1e-14 relative on random, ReLU-sparse, low-rank, HW < C and
+duplicated-channel maps; ~1e-7 on maps with singular values spread over nine decades or on
+low-rank HW < C maps with a tiny perturbation. Float64 maps beyond 1e+-100 are scaled by a power
+of two first, so their squares neither overflow nor underflow.
 """
 
 from __future__ import annotations
@@ -236,10 +239,10 @@ def _gram_float64(x: torch.Tensor) -> torch.Tensor:
 def _spectral_weights(x: torch.Tensor):
     """Spectrum of ``A A^T`` and each channel's weights on it, for a chunk ``x`` (B, C, M).
 
-    Returns ``(lam, w, w0, live)``: eigenvalues ``lam`` (B, K) with values below the cut-off set
+    Returns ``(lam, w, w0, norms)``: eigenvalues ``lam`` (B, K) with values below the cut-off set
     to 0, weights ``w`` (B, C, K) with ``sum_k w[b, i, k] + w0[b, i] = 1`` (weights on the zeroed
-    eigenvalues count as null weight), null weight ``w0`` (B, C), and ``live`` (B, C), False for
-    all-zero channels. Uses the smaller of the two Gram matrices, ``K = min(C, M)``.
+    eigenvalues count as null weight), null weight ``w0`` (B, C), and ``norms`` (B, C), each
+    channel's squared norm ``||a_i||^2`` (0 for all-zero channels). Uses the smaller of the two Gram matrices, ``K = min(C, M)``.
     """
     channels, length = x.shape[1], x.shape[2]
     if channels <= length:
@@ -255,8 +258,8 @@ def _spectral_weights(x: torch.Tensor):
     lam = torch.where(kept, lam, torch.zeros_like(lam))
     if channels <= length:
         # w_ik = U_ik^2; the weights on the zeroed eigenvalues act as the null weight
-        live = gram.diagonal(dim1=-2, dim2=-1) > 0
-        return lam, vecs.mul_(vecs), torch.zeros_like(lam), live
+        norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0)
+        return lam, vecs.mul_(vecs), torch.zeros_like(lam), norms
     # HW < C: A = Z diag(sqrt(l)) V^T, so w_ik = Z_ik^2 with Z = A V diag(l)^(-1/2) (kept k only)
     # and w0_i = 1 - ||Z_i||^2 (one minus the leverage of row i; a rank-one downdate of A^T A).
     basis = vecs * torch.where(kept, lam, 1.0).rsqrt().mul_(kept)[:, None, :]
@@ -265,7 +268,7 @@ def _spectral_weights(x: torch.Tensor):
     lev = w.sum(-1)
     w0 = (1.0 - lev).clamp_(min=0.0)
     _refine_null_weights(a, basis, lev, w0)
-    return lam, w, w0, lev > 0
+    return lam, w, w0, a.square().sum(-1)
 
 
 def _refine_null_weights(
@@ -339,7 +342,8 @@ def _ci_chunk(x: torch.Tensor) -> torch.Tensor:
     nodes are shared by the chunk; the result is scaled back by ``sigma_max``.
     """
     channels, length = x.shape[1], x.shape[2]
-    lam, w, w0, live = _spectral_weights(x)
+    lam, w, w0, norms = _spectral_weights(x)
+    live = norms > 0
     top = lam[:, -1:]
     top = torch.where(top > 0, top, torch.ones_like(top))
     lam = lam / top
@@ -396,8 +400,10 @@ def _ci_chunk(x: torch.Tensor) -> torch.Tensor:
     right = float(t[-1]) * tails[2]
 
     scale = top.sqrt() * (-h / math.pi)
-    ci = ((body + left + right) * scale).clamp_(min=0.0)
-    return torch.where(live, ci, torch.zeros_like(ci))
+    ci = (body + left + right) * scale
+    # 0 <= CI_i <= ||a_i||: roundoff at either end stays inside the bounds
+    ci = torch.minimum(ci, norms.sqrt())
+    return torch.where(live & (ci > 0), ci, torch.zeros_like(ci))
 
 
 def _ci_single_position(a: torch.Tensor) -> torch.Tensor:
@@ -414,7 +420,7 @@ def _ci_single_position(a: torch.Tensor) -> torch.Tensor:
     total = sq.sum(1, keepdim=True).sqrt_()
     _check_finite(total)
     denom = total + rest
-    return torch.where(denom > 0, sq / denom.clamp(min=_TINY), torch.zeros_like(sq))
+    return torch.where(sq > 0, sq / denom.clamp(min=_TINY), torch.zeros_like(sq))
 
 
 @torch.no_grad()
@@ -441,15 +447,23 @@ def channel_independence(fmaps: torch.Tensor, *, chunk_size: int | None = None) 
     """
     x = _as_matrices(fmaps)
     n, channels, length = x.shape
+    step = _check_chunk(chunk_size)
     out = torch.zeros((n, channels), dtype=torch.float64, device=x.device)
     if out.numel() == 0 or length == 0:
         return out
     if not x.is_floating_point():
         x = x.to(torch.float64)
+    if x.dtype == torch.float64:
+        # squares of float64 maps can over- or underflow (lower precisions cannot): scale by a
+        # power of two (exact), score, and scale back (CI is positively homogeneous)
+        top = float(x.abs().amax())
+        if math.isfinite(top) and top > 0 and not 1e-100 < top < 1e100:
+            scale = math.ldexp(1.0, -math.frexp(top)[1])
+            return channel_independence(x * scale, chunk_size=chunk_size) / scale
     if length == 1:
         return _ci_single_position(x[..., 0])
     workers = _workers(x)
-    step = _check_chunk(chunk_size) or min(_default_chunk(channels, length), -(-n // workers))
+    step = step or min(_default_chunk(channels, length), -(-n // workers))
     starts = range(0, n, step)
     if workers > 1 and len(starts) > 1:
         # LAPACK's batched eigh runs one matrix at a time: spread the chunks over torch's

@@ -597,7 +597,13 @@ def _make_plan(args: argparse.Namespace, model: nn.Module, scores, size, train=N
     if allocation.name == "sensitivity":
         data = calibration_loader(train, allocation.batches, args.batch_size, args.seed)
     if allocation.name == "sensitivity" or _measures_latency(args):
-        model.to(resolve_device(args.device))  # measured on --device, then back on the CPU
+        device = resolve_device(args.device)
+        if device.type == "meta":
+            raise ChipError(
+                "--device meta holds no data to run the model on (latency=, round_to=auto and "
+                "the sensitivity allocation measure it); expected --device cpu or cuda"
+            )
+        model.to(device)  # measured on --device, then back on the CPU
     try:
         return plan(
             model,
@@ -678,7 +684,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 batch=lat["batch"],
             )
             if "measured_ratio" in lat:
-                obj.update(measured_latency_ratio=lat["measured_ratio"])
+                obj.update(
+                    measured_latency_ratio=lat["measured_ratio"],
+                    measured_base_latency_ms=lat["measured_base_ms"],
+                    latency_rounds=lat["rounds"],
+                )
         print(json.dumps(obj))
         return 0
     lines = [

@@ -17,6 +17,7 @@ import hashlib
 import json
 import platform
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -106,6 +107,14 @@ def _check_counts(warmup, repeats, min_time_s) -> None:
         raise ChipError(f"bad min_time_s {min_time_s!r}; expected None or a number >= 0")
 
 
+def _check_timeable(device) -> None:
+    if torch.device(device).type == "meta":
+        raise ChipError(
+            "latency cannot be measured on the meta device (it holds no data); "
+            "use --device cpu or cuda"
+        )
+
+
 def _make_input(
     size: tuple[int, ...], device: torch.device, dtype: torch.dtype, memory_format
 ) -> torch.Tensor:
@@ -161,6 +170,7 @@ def measure_latency(
     """
     size = check_input_size(input_size)
     _check_counts(warmup, repeats, min_time_s)
+    _check_timeable(device if device is not None else device_dtype(model)[0])
     if channels_last and len(size) != 4:
         raise ChipError(f"channels_last needs a 4-D input_size (N, C, H, W), got {size}")
     memory_format = torch.channels_last if channels_last else None
@@ -267,9 +277,9 @@ class LatencyTable:
         for layer in self.layers.values():
             scale = 1.0
             for group, curve in layer["sides"]:
-                if group in widths and layer["ms"] > 0:
-                    w, t = zip(*curve)
-                    scale *= float(np.interp(widths[group], w, t)) / layer["ms"]
+                w, t = zip(*curve)
+                if group in widths and t[-1] > 0:  # each side against its own full-width time
+                    scale *= float(np.interp(widths[group], w, t)) / t[-1]
             total += layer["ms"] * scale
         return total
 
@@ -310,8 +320,8 @@ class LatencyTable:
     def predict(self, widths: Mapping[str, int]) -> float:
         """Predicted ms of the model with these group widths (groups not named stay whole)."""
         rest, slope, share = self._fit
-        whole = self._raw({}, rest, slope)
-        return whole - share * (whole - self._raw(widths, rest, slope))
+        saved = self._raw({}, rest, slope) - self._raw(widths, rest, slope)
+        return self.base_ms - share * saved  # the whole model is the measured base_ms
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -355,30 +365,35 @@ def meet_latency(
     fraction: float,
     measure: Callable[[dict[str, int] | None], float],
     *,
-    rounds: int = 3,
+    rounds: int = 4,
     tolerance: float = 0.03,
 ) -> tuple[dict[str, int], dict, dict]:
     """Meet a ``latency=fraction`` budget as measured, not only as predicted.
 
     ``solve_at(f)`` returns ``(widths, record)`` for a predicted budget ``f``; ``measure(widths)``
     the ms of the model pruned to ``widths`` (``None``: unpruned), both measured now. Each round
-    measures the solved widths; the next asks for ``f * aim / measured``, ``aim`` the middle of
-    the band ``[fraction * (1 - tolerance), fraction]``. It stops inside the band or after
-    ``rounds``, and returns the widest widths measured at most ``fraction`` (else the fastest),
-    their record, and ``{"measured_base_ms", "measured_ratio", "rounds": [{"asked",
-    "measured"}]}``.
+    measures the solved widths and aims the next at the middle of the band
+    ``[fraction * (1 - tolerance), fraction]``: proportionally after the first round, then along
+    the secant through the last two (asked, measured) points; a budget the solver cannot reach
+    is halved towards the last one that worked. It stops inside the band or after ``rounds``
+    measurements, and returns the widest widths measured at most ``fraction`` (else the fastest,
+    with a :class:`ChipWarning` naming the ratio reached), their record, and
+    ``{"measured_base_ms", "measured_ratio", "rounds": [{"asked", "measured"}]}``.
     """
-    from .errors import ChipError
+    from .errors import ChipError, ChipWarning
 
     base = measure(None)
-    asked, history, best = fraction, [], None
-    for _ in range(rounds):
+    aim = fraction * (1 - tolerance / 2)
+    asked, history, best, tries = fraction, [], None, 0
+    while len(history) < rounds and tries < 2 * rounds:
+        tries += 1
         try:
             widths, record = solve_at(asked)
         except ChipError:
-            if best is None:
+            if not history:
                 raise
-            break  # the correction asked for more than the model can give
+            asked = (asked + history[-1]["asked"]) / 2  # the correction went past the reachable
+            continue
         ratio = measure(widths) / base
         history.append({"asked": asked, "measured": ratio})
         met = ratio <= fraction
@@ -387,8 +402,21 @@ def meet_latency(
             best = (rank, widths, record, ratio)
         if fraction * (1 - tolerance) <= ratio <= fraction:
             break
-        asked = min(1.0, asked * fraction * (1 - tolerance / 2) / ratio)  # aim inside the band
+        asked = asked * aim / ratio
+        if len(history) >= 2:  # secant through the last two points, when it slopes upwards
+            (a0, m0), (a1, m1) = ((h["asked"], h["measured"]) for h in history[-2:])
+            if a1 != a0 and (m1 - m0) / (a1 - a0) > 0:
+                asked = a1 + (aim - m1) * (a1 - a0) / (m1 - m0)
+        asked = min(1.0, max(asked, 1e-3))
     _, widths, record, ratio = best
+    if ratio > fraction * (1 + tolerance):
+        warnings.warn(
+            f"latency={fraction:g}: the fastest plan found measures {ratio:.3f} of the unpruned "
+            f"latency after {len(history)} measured rounds; it is returned as is (a larger "
+            "--latency-batch or a looser budget may be reachable)",
+            ChipWarning,
+            stacklevel=3,
+        )
     return widths, record, {"measured_base_ms": base, "measured_ratio": ratio, "rounds": history}
 
 
@@ -437,6 +465,7 @@ def measure_table(
         base_ms: the whole model's latency (default: :func:`measure_latency` of it; with a
             ``time_layer`` given, the sum of its times of every conv/linear layer).
     """
+    _check_timeable(device_dtype(model)[0])
     if base_ms is None and time_layer is not None:
         base_ms = -1.0  # summed below, once the layers' input shapes are known
     time_layer = time_layer or _layer_time
