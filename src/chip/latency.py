@@ -349,7 +349,9 @@ def detect_step(widths: Sequence[int], times: Sequence[float], channels: int, un
     return best
 
 
-def _pruned_ms(model: nn.Module, graph, widths: dict[str, int], input_size) -> float:
+def _pruned_ms(
+    model: nn.Module, graph, widths: dict[str, int], input_size, min_time_s: float | None = None
+) -> float:
     """Median ms of a copy of ``model`` with every group cut to ``widths`` (first channels)."""
     from .planning import GroupPlan, PruningPlan
     from .prune import apply
@@ -357,7 +359,9 @@ def _pruned_ms(model: nn.Module, graph, widths: dict[str, int], input_size) -> f
     groups = {g.name: GroupPlan(g.channels, g.choose(None, widths[g.name])) for g in graph}
     p = PruningPlan(groups, input_size=(1, *tuple(input_size)[1:]), skipped=dict(graph.skipped))
     pruned = apply(model, p, verify=False)
-    return measure_latency(pruned, input_size, warmup=3, repeats=10).median_ms
+    return measure_latency(
+        pruned, input_size, warmup=3, repeats=10, min_time_s=min_time_s
+    ).median_ms
 
 
 def meet_latency(
@@ -371,18 +375,17 @@ def meet_latency(
     """Meet a ``latency=fraction`` budget as measured, not only as predicted.
 
     ``solve_at(f)`` returns ``(widths, record)`` for a predicted budget ``f``; ``measure(widths)``
-    the ms of the model pruned to ``widths`` (``None``: unpruned), both measured now. Each round
-    measures the solved widths and aims the next at the middle of the band
+    the ms of the model pruned to ``widths`` (``None``: unpruned). Each round measures the
+    unpruned model and then the solved widths, and aims the next at the middle of the band
     ``[fraction * (1 - tolerance), fraction]``: proportionally after the first round, then along
     the secant through the last two (asked, measured) points; a budget the solver cannot reach
     is halved towards the last one that worked. It stops inside the band or after ``rounds``
     measurements, and returns the widest widths measured at most ``fraction`` (else the fastest,
     with a :class:`ChipWarning` naming the ratio reached), their record, and
-    ``{"measured_base_ms", "measured_ratio", "rounds": [{"asked", "measured"}]}``.
+    ``{"measured_base_ms", "measured_ratio", "rounds": [{"asked", "measured", "base_ms"}]}``.
     """
     from .errors import ChipError, ChipWarning
 
-    base = measure(None)
     aim = fraction * (1 - tolerance / 2)
     asked, history, best, tries = fraction, [], None, 0
     while len(history) < rounds and tries < 2 * rounds:
@@ -394,8 +397,9 @@ def meet_latency(
                 raise
             asked = (asked + history[-1]["asked"]) / 2  # the correction went past the reachable
             continue
+        base = measure(None)  # each round against the unpruned model measured just before
         ratio = measure(widths) / base
-        history.append({"asked": asked, "measured": ratio})
+        history.append({"asked": asked, "measured": ratio, "base_ms": base})
         met = ratio <= fraction
         rank = (met, sum(widths.values()) if met else -ratio)
         if best is None or rank > best[0]:
@@ -409,6 +413,7 @@ def meet_latency(
                 asked = a1 + (aim - m1) * (a1 - a0) / (m1 - m0)
         asked = min(1.0, max(asked, 1e-3))
     _, widths, record, ratio = best
+    base = float(np.median([h["base_ms"] for h in history]))
     if ratio > fraction * (1 + tolerance):
         warnings.warn(
             f"latency={fraction:g}: the fastest plan found measures {ratio:.3f} of the unpruned "
@@ -426,8 +431,10 @@ def measure_widths(model: nn.Module, graph, input_size) -> Callable[[dict | None
 
     def measure(widths: dict | None) -> float:
         if widths is None:
-            return measure_latency(model, input_size, warmup=3, repeats=10).median_ms
-        return _pruned_ms(model, graph, widths, input_size)
+            return measure_latency(
+                model, input_size, warmup=3, repeats=10, min_time_s=0.5
+            ).median_ms
+        return _pruned_ms(model, graph, widths, input_size, min_time_s=0.5)
 
     return measure
 
