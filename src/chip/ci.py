@@ -268,7 +268,7 @@ def _spectral_weights(x: torch.Tensor):
     lev = w.sum(-1)
     w0 = (1.0 - lev).clamp_(min=0.0)
     _refine_null_weights(a, basis, lev, w0)
-    return lam, w, w0, a.square().sum(-1)
+    return lam, w, w0, torch.linalg.vector_norm(a, dim=-1).square_()
 
 
 def _refine_null_weights(
