@@ -24,8 +24,9 @@ recomputed as a sum of squares (:func:`_refine_null_weights`).
 
 The integral is evaluated by the trapezoidal rule in ``log t`` with step ``h = 0.3``; the
 integrand is analytic in a strip of half-width ``pi/2`` around the real axis (its singularities
-sit at ``t = +-i sqrt(l)``, ``l`` the eigenvalues with and without row ``i``), so the rule converges geometrically (relative error
-~``4 exp(-pi^2/h)``, about 2e-14). The nodes span only where the integrand varies: from
+sit at ``t = +-i sqrt(l)``, ``l`` the eigenvalues with and without row ``i``), so the rule
+converges geometrically (relative error ~``4 exp(-pi^2/h)``, about 2e-14). The nodes span only
+where the integrand varies: from
 ``e^-3`` below the smallest feature of the chunk (its smallest kept eigenvalue, or the point
 ``s = w0_i / sum_k(w_ik / l_k)`` where a null weight takes over) to ``e^3`` above the largest
 singular value. Beyond both ends the sum is closed in form from four terms of the integrand's

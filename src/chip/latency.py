@@ -290,10 +290,10 @@ class LatencyTable:
         return kept / total if total > 0 else 1.0
 
     @functools.cached_property
-    def _fit(self) -> tuple[float, float, float]:
+    def _fit(self) -> tuple[float, float, float, float]:
         """(ms of the other operations for the whole model, ms they lose per unit of activation
-        share removed, the share of the predicted savings that is real); computed once per
-        table, as every prediction needs them.
+        share removed, the share of the predicted savings that is real, the unscaled prediction
+        of the whole model); computed once per table, as every prediction needs them.
 
         The half-width measurement first sets the slope of the other operations. When the layers
         alone already promise more than the measured saving (isolated layers run faster per
@@ -302,15 +302,16 @@ class LatencyTable:
         """
         rest = max(0.0, self.base_ms - self._layer_ms({}))
         if not self.rest:
-            return rest, 0.0, 1.0
+            return rest, 0.0, 1.0, self._raw({}, rest, 0.0)
         half = self.rest["half_widths"]
         rest_half = max(0.0, self.rest["half_ms"] - self._layer_ms(half))
         # never slower with fewer activations (a noisy half-width timing can say otherwise)
         slope = max(0.0, (rest - rest_half) / (1.0 - self.rest["a_half"]))
-        promised = self._raw({}, rest, slope) - self._raw(half, rest, slope)
+        whole = self._raw({}, rest, slope)
+        promised = whole - self._raw(half, rest, slope)
         measured = self.base_ms - self.rest["half_ms"]
         share = min(1.0, measured / promised) if measured > 0 and promised > 0 else 1.0
-        return rest, slope, share
+        return rest, slope, share, whole
 
     def _raw(self, widths: Mapping[str, int], rest: float, slope: float) -> float:
         if slope > 0:
@@ -319,8 +320,8 @@ class LatencyTable:
 
     def predict(self, widths: Mapping[str, int]) -> float:
         """Predicted ms of the model with these group widths (groups not named stay whole)."""
-        rest, slope, share = self._fit
-        saved = self._raw({}, rest, slope) - self._raw(widths, rest, slope)
+        rest, slope, share, whole = self._fit
+        saved = whole - self._raw(widths, rest, slope)
         return self.base_ms - share * saved  # the whole model is the measured base_ms
 
     def to_dict(self) -> dict:
