@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import chip
+from chip.allocation import Allocation, solve
+from chip.counting import WidthCounter
 from chip.errors import ChipError
 from chip.latency import detect_step, latency_table, measure_latency, measure_table, table_key
 from chip.models import create
@@ -43,6 +45,20 @@ def test_detect_step_respects_the_group_unit_and_noise():
     assert detect_step([4, 8, 12, 16], [1.0, 1.0, 2.0, 2.0], 16, unit=4) == 8
 
 
+def test_detect_step_on_a_measured_shape_linear_below_the_first_block_with_an_outlier():
+    # the shape oneDNN gave here at batch 64 (ResNet-56 stage 3): time falls channel by channel
+    # below 16, then is flat in blocks of 16; one timing is an outlier
+    widths = list(range(1, 65))
+    times = [0.8 + 0.05 * w if w <= 16 else 1.1 + math.ceil(w / 16) for w in widths]
+    times[40] *= 1.5
+    assert detect_step(widths, times, 64) == 16
+    linear = [0.8 + 0.05 * w for w in widths]
+    assert detect_step(widths, linear, 64) == 1
+    # flat only below the first 16-block and linear above: no step
+    flat_low = [1.0 if w <= 16 else 1.0 + 0.05 * w for w in widths]
+    assert detect_step(widths, flat_low, 64) == 1
+
+
 def test_table_of_a_blocked_timer_finds_8_channel_steps_and_round_to_auto_uses_them():
     model = create("resnet20", num_classes=4).eval()
     graph = chip.find_groups(model, torch.zeros(1, 3, 16, 16))
@@ -56,6 +72,26 @@ def test_table_of_a_blocked_timer_finds_8_channel_steps_and_round_to_auto_uses_t
     assert p.stats["round_to"] == table.steps and p.stats["macs_kept"] <= 0.5
     smooth_table = measure_table(model, graph, (1, 3, 16, 16), time_layer=smooth)
     assert all(s == 1 for s in smooth_table.steps.values())
+
+
+def test_round_to_auto_gives_macs_back_where_they_cost_no_time():
+    # time only in the first stage (16x16 maps, 8-channel blocks); narrowing stages 2-3 saves
+    # nothing, so the steps given back after the uniform rate should go there first
+    def first_stage_only(module, shape, out_c, in_c):
+        return blocked(module, shape, out_c, in_c) if shape[-1] == 16 else 1e-3
+
+    model = create("resnet20", num_classes=4).eval()
+    size = (1, 3, 16, 16)
+    graph = chip.find_groups(model, torch.zeros(size))
+    table = measure_table(model, graph, size, time_layer=first_stage_only)
+    counter = WidthCounter(model, graph, size)
+    timed, _ = solve("macs", 0.5, graph, counter, table.steps, Allocation(), latency=table)
+    plain, _ = solve("macs", 0.5, graph, counter, table.steps, Allocation())
+    for widths in (timed, plain):
+        assert counter(widths)[1] / counter.base_macs <= 0.5
+    assert table.predict(timed) < table.predict(plain)
+    later = [g.name for g in graph if not g.name.startswith(("conv1", "layer1"))]
+    assert sum(timed[n] for n in later) > sum(plain[n] for n in later)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])

@@ -4,7 +4,9 @@
 (``docs/method.md`` section 3 has the formulas):
 
 * ``uniform``: one rate for every group, the smallest that meets the budget (bisection on exact
-  analytic counts), then width steps given back round-robin in graph order while it holds.
+  analytic counts), then width steps given back round-robin in graph order while it holds (with a
+  measured latency table, as with ``round_to="auto"``: first where a step keeps the most MACs or
+  params per ms of predicted time it adds).
 * ``global``: one ranking of normalised channel scores across all groups; a group keeps as many
   channels as score above one global threshold, and at least ``floor`` of its width. CHIP
   scores are normalised per channel as ``CI_i / ||a_i||`` (mean channel independence over mean
@@ -125,7 +127,8 @@ def rounding(round_to: int | Mapping[str, int], group: ChannelGroup) -> int:
 
 class _Budget:
     """A ``kind`` ("macs" | "params" | "latency") budget of ``fraction`` of the unpruned model's;
-    ``cost(widths)`` is the kept fraction of that count for group widths."""
+    ``cost(widths)`` is the kept fraction of that count for group widths; ``table``: the
+    measured :class:`chip.latency.LatencyTable` behind the plan, if any."""
 
     def __init__(
         self,
@@ -134,9 +137,10 @@ class _Budget:
         graph: GroupGraph,
         cost: Callable[[dict[str, int]], float],
         round_to: int | Mapping[str, int],
+        table=None,
     ):
         self.kind, self.fraction, self.graph, self.cost = kind, fraction, graph, cost
-        self.round_to = round_to
+        self.round_to, self.table = round_to, table
 
     def rt(self, g: ChannelGroup) -> int:
         return rounding(self.round_to, g)
@@ -219,7 +223,24 @@ def _uniform(budget: _Budget, **_) -> tuple[dict[str, int], dict]:
     def round_robin(g: ChannelGroup, width: int):  # fewest steps given back first, graph order
         return (-((width - start[g.name]) // budget.step(g)), -order[g.name])
 
-    return budget.give_back(start, round_robin), {"uniform_rate": hi}
+    timed = budget.table is not None and budget.kind != "latency"
+    priority = _count_per_ms(budget, start) if timed else round_robin
+    return budget.give_back(start, priority), {"uniform_rate": hi}
+
+
+def _count_per_ms(budget: _Budget, start: dict[str, int]) -> Callable[[ChannelGroup, int], float]:
+    """Give-back priority of a MACs or params budget planned with a latency table
+    (``round_to="auto"``): the count a group's next width step keeps per ms of predicted time it
+    adds, the other groups at ``start``; a step predicted to add no time comes first."""
+    table = budget.table
+
+    def priority(g: ChannelGroup, width: int) -> float:
+        a = {**start, g.name: width}
+        b = {**start, g.name: min(g.channels, width + budget.step(g))}
+        added = table.predict(b) - table.predict(a)
+        return (budget.kept(b) - budget.kept(a)) / max(added, 1e-9 * table.base_ms)
+
+    return priority
 
 
 # -- global --------------------------------------------------------------------------------------
@@ -547,7 +568,8 @@ def solve(
     ``allocation``, and the record the plan keeps (``{"name": ..., ...}``).
 
     ``round_to``: one step for every group or ``{group: step}``. ``latency``: the
-    :class:`chip.latency.LatencyTable` a ``"latency"`` budget is predicted with. ``context``:
+    :class:`chip.latency.LatencyTable` a ``"latency"`` budget is predicted with (with a MACs or
+    params budget, ``uniform`` gives width steps back where they add the least predicted time). ``context``:
     ``scores`` (``global``, and the order of removal for ``sensitivity``), ``model``, ``data``
     and ``progress`` (``sensitivity``).
 
@@ -565,6 +587,6 @@ def solve(
         def cost(widths):
             return counter(widths)[index] / base
 
-    budget = _Budget(kind, fraction, graph, cost, round_to)
+    budget = _Budget(kind, fraction, graph, cost, round_to, latency)
     widths, record = _SOLVERS[allocation.name](budget, allocation=allocation, **context)
     return widths, {"name": allocation.name, **record}

@@ -210,6 +210,8 @@ def measure_latency(
 
 _STEPS = (2, 4, 8, 16, 32, 64)  # channel steps round_to="auto" considers
 _STEP_TOLERANCE = 0.25  # within a block: at most this share of the jump between blocks
+_STEP_AGREE = 0.8  # the share of widths that must be flat within their block
+_TABLE_FORMAT = 2  # raised whenever measure_table or detect_step changes what a table holds
 _FINE = 33  # widths measured one step apart below each group's full width (step detection)
 _TIMED = (nn.modules.conv._ConvNd, nn.Linear)  # the layers the table times
 
@@ -329,23 +331,31 @@ class LatencyTable:
 
 
 def detect_step(widths: Sequence[int], times: Sequence[float], channels: int, unit: int = 1) -> int:
-    """The largest channel step ``s`` (a multiple of ``unit`` among 2, 4, ..., 64, else ``unit``)
-    at which the measured ``times`` are flat between multiples: every measured width ``w`` takes
-    the time of the next multiple ``ceil(w / s) * s`` (when measured) within a quarter of the
-    median jump between consecutive measured multiples. A curve that falls with every channel
-    (a linear one) gives ``unit``."""
+    """The largest channel step ``s`` (a multiple of ``unit`` among 2, 4, ..., 64 and below
+    ``channels``, else ``unit``) at which the measured ``times`` are flat between multiples.
+
+    Flat means: of the measured widths ``w > s`` that are not multiples of ``s``, at least
+    ``_STEP_AGREE`` (80 %) take the time of the next multiple ``ceil(w / s) * s`` (when measured)
+    within a quarter of the median jump between consecutive measured multiples, and that jump is
+    positive. Widths below ``s`` are not compared: rounding to ``s`` keeps at least ``s``
+    channels, and below the first block time often still falls channel by channel (oneDNN CPU
+    convolutions measured here: flat in blocks of 16 above 16 channels, linear below). The share
+    rather than every width tolerates an outlier timing; a curve that falls with every channel
+    (linear) agrees on about a quarter of the widths and gives ``unit``.
+    """
     t = dict(zip(widths, times))
     best = unit
     for s in _STEPS:
         if s % unit or s >= channels:
             continue
-        pairs = [(w, -(-w // s) * s) for w in t if -(-w // s) * s in t and w % s]
+        pairs = [(w, -(-w // s) * s) for w in t if w > s and w % s and -(-w // s) * s in t]
         multiples = sorted(w for w in t if w % s == 0)
         jumps = [abs(t[b] - t[a]) for a, b in zip(multiples, multiples[1:]) if b - a == s]
         if not pairs or not jumps:
             continue
         jump = float(np.median(jumps))
-        if jump > 0 and all(abs(t[w] - t[up]) <= _STEP_TOLERANCE * jump for w, up in pairs):
+        flat = sum(abs(t[w] - t[up]) <= _STEP_TOLERANCE * jump for w, up in pairs)
+        if jump > 0 and flat >= _STEP_AGREE * len(pairs):
             best = s
     return best
 
@@ -572,7 +582,8 @@ def _hardware(device: torch.device) -> str:
 
 def table_key(model: nn.Module, input_size, time_layer=None) -> dict:
     """What a :class:`LatencyTable` is valid for: the model's layer shapes, the input size with
-    its batch, the device, the thread count, the torch version (and a non-default timer)."""
+    its batch, the device, the thread count, the torch version (and a non-default timer), and
+    ``_TABLE_FORMAT``: how chip measures and reads a table (a change measures again)."""
     h = hashlib.sha256()
     for name, p in model.state_dict().items():
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
@@ -583,6 +594,7 @@ def table_key(model: nn.Module, input_size, time_layer=None) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "timer": getattr(time_layer, "__qualname__", "default"),
+        "format": _TABLE_FORMAT,
     }
 
 
