@@ -126,19 +126,21 @@ def _labelled(model, n=64, size=12, seed=0):
     return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
 
 
-def test_sensitivity_prunes_the_dead_branch_hardest_and_the_live_one_least():
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_sensitivity_prunes_the_dead_branch_hardest_and_the_live_one_least(loss):
     torch.manual_seed(0)
     model = Branches().eval()
     with torch.no_grad():
         model.head.weight.mul_(20)  # confident logits: the loss reacts to what b computes
     data = _labelled(model)
     p = plan(
-        model, None, "flops=0.6", allocation="sensitivity", data=data, input_size=(1, 3, 12, 12),
-        progress=False,
+        model, None, "flops=0.6", allocation={"name": "sensitivity", "loss": loss}, data=data,
+        input_size=(1, 3, 12, 12), progress=False,
     )  # fmt: skip
     widths = p.widths()
     inner = {k: widths[f"{k}.0"] for k in "abc"}  # each branch's first conv
-    assert inner["a"] == 2  # the ladder's smallest width: removing it costs nothing
+    if loss == "ce":  # (with "kl" the budget's slack may give the free branch a channel back)
+        assert inner["a"] == 2  # the ladder's smallest width: removing it costs nothing
     assert inner["b"] == max(inner.values()) > inner["a"]
     loss = {g: dict((w, d) for w, d in pts) for g, pts in p.allocation["loss"].items()}
     assert all(abs(d) < 1e-9 for d in loss["a.0"].values())  # exactly: a x 0 is never seen
@@ -172,6 +174,44 @@ def test_sensitivity_measurements_are_those_of_the_pruned_model():
     assert A._loss(pruned, data[2:]) - base == pytest.approx(increase, rel=1e-9, abs=1e-12)
 
 
+def test_sensitivity_kl_is_the_divergence_from_the_unpruned_predictions():
+    """loss="kl": a trial's measurement is sum_c p_c (log p_c - log q_c) averaged over images,
+    p the given model's softmax, q the pruned model's (after recalibrate_bn), computed plainly."""
+    torch.manual_seed(2)
+    model = Branches().eval()
+    data = _labelled(model)
+    with torch.no_grad():
+        p_ref = [model(x).double().softmax(1) for x, _ in data[2:]]
+    scores = {g: torch.rand(8, dtype=torch.float64) for g in ("stem.0", "a.0", "b.0", "c.0", "a.3")}
+    p = plan(
+        model, scores, "flops=0.7", allocation={"name": "sensitivity", "loss": "kl"}, data=data,
+        input_size=(1, 3, 12, 12), progress=False,
+    )  # fmt: skip
+    assert p.allocation["loss_kind"] == "kl"
+    graph = chip.find_groups(model, torch.zeros(1, 3, 12, 12))
+
+    def kl_of(widths):
+        keep = {n: graph[n].choose(scores.get(n), w) for n, w in widths.items()}
+        one = chip.PruningPlan(
+            groups={n: chip.planning.GroupPlan(graph[n].channels, k) for n, k in keep.items()},
+            input_size=(1, 3, 12, 12),
+        )
+        pruned = recalibrate_bn(chip.apply(model, one), data[:2], 2)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for (x, _), ref in zip(data[2:], p_ref):
+                q = pruned(x).double().softmax(1)
+                total += float((ref * (ref.log() - q.log())).sum())
+                n += len(x)
+        return total / n
+
+    whole = {n: g.channels for n, g in p.groups.items()}
+    assert p.allocation["base_loss"] == pytest.approx(kl_of(whole), rel=1e-6, abs=1e-12)
+    width, increase = p.allocation["loss"]["b.0"][0]
+    direct = kl_of({**whole, "b.0": width}) - p.allocation["base_loss"]
+    assert increase > 0 and direct == pytest.approx(increase, rel=1e-6, abs=1e-12)
+
+
 def test_budgets_met_for_every_allocation_and_applied_counts_agree():
     model = create("resnet20", num_classes=4)
     data = _labelled(model, n=64, size=16)
@@ -196,7 +236,7 @@ def test_sensitivity_is_cached_per_weights_data_and_ladder(monkeypatch):
     data = _labelled(model, n=64, size=16)
     calls = []
     real = A._loss
-    monkeypatch.setattr(A, "_loss", lambda m, b: calls.append(1) or real(m, b))
+    monkeypatch.setattr(A, "_loss", lambda *args: calls.append(1) or real(*args))
 
     def sens(target, m=model, d=data, allocation="sensitivity"):
         calls.clear()
@@ -217,6 +257,8 @@ def test_sensitivity_is_cached_per_weights_data_and_ladder(monkeypatch):
         other.conv1.weight[0, 0, 0, 0] += 1e-3
     assert not sens("flops=0.6", m=other).allocation["cached"]
     assert not sens("flops=0.6", d=list(reversed(data))).allocation["cached"]
+    kl = A.Allocation("sensitivity", loss="kl")
+    assert not sens("flops=0.6", allocation=kl).allocation["cached"]
 
 
 class _Net(nn.Module):
@@ -298,6 +340,7 @@ def test_recalibrate_bn_refuses_short_loaders_and_leaves_the_model_as_it_was():
         ({"allocation": "global", "target": 0.3}, "spreads a budget"),
         ({"allocation": {"name": "sensitivity", "ladder": (0.5, 1.0)}}, "kept fractions in"),
         ({"allocation": {"name": "global", "width": 3}}, "unknown allocation settings"),
+        ({"allocation": {"name": "sensitivity", "loss": "mse"}}, "loss 'mse': expected one of ce"),
     ],
 )
 def test_bad_allocation_input_is_one_line(kwargs, message):

@@ -56,6 +56,28 @@ from .utils import atomic_write, seed_everything
 __all__ = ["ALLOCATIONS", "Allocation", "cache_dir", "solve"]
 
 
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        raise ChipError(
+            "allocation 'sensitivity' needs a model returning (N, classes, ...) logits, got "
+            f"{type(out).__name__}"
+        )
+    return out.double()
+
+
+def _ce(out: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    return F.cross_entropy(out, y.long(), reduction="sum")
+
+
+def _kl(out: torch.Tensor, y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """sum over images of KL(softmax(ref) || softmax(out)) over the class dim (dim 1)."""
+    return F.kl_div(out.log_softmax(1), ref.log_softmax(1), reduction="sum", log_target=True)
+
+
+_LOSSES = {"ce": _ce, "kl": _kl}  # loss(logits, targets, the unpruned model's logits) summed
+
+
 @dataclass(frozen=True)
 class Allocation:
     """How a budget is spread over the groups (see the module docstring).
@@ -64,7 +86,9 @@ class Allocation:
     fraction of every group ``global`` keeps; ``bn_batches`` / ``eval_batches``: batches of the
     data for BatchNorm re-estimation and for the held-out loss (``sensitivity``, taken in that
     order from the start of the loader, after seeding the RNGs with ``seed`` so a shuffling or
-    augmenting loader gives the same batches again; ``None`` leaves them alone).
+    augmenting loader gives the same batches again; ``None`` leaves them alone); ``loss``: what
+    ``sensitivity`` measures on the held-out batches, ``"ce"`` (cross-entropy against the labels)
+    or ``"kl"`` (KL divergence from the unpruned model's own predictions, in nats per image).
     """
 
     name: str = "uniform"
@@ -73,6 +97,7 @@ class Allocation:
     bn_batches: int = 2
     eval_batches: int = 2
     seed: int | None = 0
+    loss: str = "ce"
 
     @property
     def batches(self) -> int:
@@ -95,6 +120,8 @@ class Allocation:
         object.__setattr__(self, "ladder", tuple(sorted(set(float(f) for f in ladder))))
         if not 0 < self.floor <= 1:
             raise ChipError(f"allocation floor {self.floor!r}: expected a fraction in (0, 1]")
+        if self.loss not in _LOSSES:
+            raise ChipError(f"allocation loss {self.loss!r}: expected one of {', '.join(_LOSSES)}")
         for key in ("bn_batches", "eval_batches"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -378,19 +405,15 @@ def _batches(data, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _loss(model: nn.Module, batches) -> float:
-    """Mean cross-entropy of ``model`` (eval mode) over ``batches``."""
+def _loss(model: nn.Module, batches, loss: str = "ce", reference=None) -> float:
+    """Mean ``loss`` per target of ``model`` (eval mode) over ``batches``; ``reference``: the
+    unpruned model's logits per batch (``"kl"``)."""
     total, n = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for x, y in batches:
-            out = model(x)
-            if not isinstance(out, torch.Tensor) or out.dim() < 2:
-                raise ChipError(
-                    "allocation 'sensitivity' needs a model returning (N, classes, ...) logits, got "
-                    f"{type(out).__name__}"
-                )
-            total += float(F.cross_entropy(out.double(), y.long(), reduction="sum"))
+        for i, (x, y) in enumerate(batches):
+            ref = reference[i] if reference is not None else None
+            total += float(_LOSSES[loss](_logits(model, x), y, ref))
             n += y.numel()
     return total / max(n, 1)
 
@@ -445,7 +468,7 @@ def measure_sensitivity(
     for x, y in batches:
         _hash_tensor(h, x)
         _hash_tensor(h, y)
-    h.update(json.dumps([allocation.bn_batches, trials]).encode())
+    h.update(json.dumps([allocation.bn_batches, allocation.loss, trials]).encode())
     path = cache_dir() / f"sensitivity-{h.hexdigest()[:32]}.json"
     if path.is_file():
         try:
@@ -455,12 +478,16 @@ def measure_sensitivity(
             pass  # a damaged cache file is measured again and rewritten
 
     saved = BatchNormState(_batchnorms(model))
+    reference = None
+    if allocation.loss == "kl":  # the model as given, its own BatchNorm statistics
+        with eval_mode(model), torch.no_grad():
+            reference = [_logits(model, x) for x, _ in eval_part]
 
     def trial_loss(removed: dict[str, list[int]]) -> float:
         handles = masked_forward_hooks(model, removed, graph) if removed else []
         try:
             recalibrate_bn(model, bn_part, len(bn_part))
-            return _loss(model, eval_part)
+            return _loss(model, eval_part, allocation.loss, reference)
         finally:
             for handle in handles:
                 handle.remove()
@@ -540,6 +567,7 @@ def _sensitivity(
         "ladder": list(allocation.ladder),
         "bn_batches": allocation.bn_batches,
         "eval_batches": allocation.eval_batches,
+        "loss_kind": allocation.loss,
         "base_loss": m["base_loss"],
         "loss": m["loss"],
         "lagrange_multiplier": hi,
