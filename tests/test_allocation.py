@@ -174,6 +174,47 @@ def test_sensitivity_measurements_are_those_of_the_pruned_model():
     assert A._loss(pruned, data[2:]) - base == pytest.approx(increase, rel=1e-9, abs=1e-12)
 
 
+def test_sensitivity_second_round_is_measured_around_the_first_rounds_widths():
+    """rounds=2: a group's increase is the loss with it cut and the others at the first round's
+    widths, minus the loss with it whole and the others there (both on the pruned model)."""
+    torch.manual_seed(3)
+    model = Branches().eval()
+    data = _labelled(model)
+    names = ("stem.0", "a.0", "b.0", "c.0", "a.3")
+    scores = {g: torch.rand(8, dtype=torch.float64) for g in names}
+    p = plan(
+        model, scores, "flops=0.5", allocation={"name": "sensitivity", "rounds": 2}, data=data,
+        input_size=(1, 3, 12, 12), progress=False,
+    )  # fmt: skip
+    assert p.stats["macs_kept"] <= 0.5
+    first = plan(
+        model, scores, "flops=0.5", allocation="sensitivity", data=data,
+        input_size=(1, 3, 12, 12), progress=False,
+    )  # fmt: skip
+    (second,) = p.allocation["rounds"]
+    assert second["context"] == first.widths()
+    graph = chip.find_groups(model, torch.zeros(1, 3, 12, 12))
+
+    def loss_of(widths):
+        keep = {n: graph[n].choose(scores.get(n), w) for n, w in widths.items()}
+        one = chip.PruningPlan(
+            groups={n: chip.planning.GroupPlan(graph[n].channels, k) for n, k in keep.items()},
+            input_size=(1, 3, 12, 12),
+        )
+        return A._loss(recalibrate_bn(chip.apply(model, one), data[:2], 2), data[2:])
+
+    context = second["context"]
+    group = next(n for n in names if n != "stem.0" and any(
+        w != context[n] for w, _ in second["loss"][n]))  # fmt: skip
+    width, increase = next((w, d) for w, d in second["loss"][group] if w != context[group])
+    whole = loss_of({**context, group: graph[group].channels})
+    assert loss_of({**context, group: width}) - whole == pytest.approx(increase, abs=1e-9)
+    cut, at_context = context[group], dict(second["loss"][group]).get(context[group])
+    assert at_context is not None or cut == graph[group].channels
+    if at_context is not None:  # the operating point itself
+        assert loss_of(context) - whole == pytest.approx(at_context, abs=1e-9)
+
+
 def test_sensitivity_kl_is_the_divergence_from_the_unpruned_predictions():
     """loss="kl": a trial's measurement is sum_c p_c (log p_c - log q_c) averaged over images,
     p the given model's softmax, q the pruned model's (after recalibrate_bn), computed plainly."""

@@ -98,6 +98,7 @@ class Allocation:
     eval_batches: int = 2
     seed: int | None = 0
     loss: str = "ce"
+    rounds: int = 1
 
     @property
     def batches(self) -> int:
@@ -122,7 +123,7 @@ class Allocation:
             raise ChipError(f"allocation floor {self.floor!r}: expected a fraction in (0, 1]")
         if self.loss not in _LOSSES:
             raise ChipError(f"allocation loss {self.loss!r}: expected one of {', '.join(_LOSSES)}")
-        for key in ("bn_batches", "eval_batches"):
+        for key in ("bn_batches", "eval_batches", "rounds"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ChipError(f"allocation {key} must be a positive integer, got {value!r}")
@@ -432,6 +433,7 @@ def measure_sensitivity(
     allocation: Allocation,
     round_to: int | Mapping[str, int] = 1,
     progress: bool = True,
+    context: Mapping[str, int] | None = None,
 ) -> dict:
     """``{"base_loss", "loss": {group: [[width, loss increase], ...]}, "cached", "seconds"}``.
 
@@ -439,6 +441,10 @@ def measure_sensitivity(
     (:func:`chip.prune.masked_forward_hooks`, the oracle :func:`chip.apply` is verified
     against) with its BatchNorm statistics re-estimated; the model's state is restored after
     every trial. Runs on the device of the model's parameters.
+
+    ``context``: widths ``{group: width}`` the other groups are cut to during each group's
+    trials (default: whole); a group's increase is then measured from the trial with that
+    group whole and the others at ``context``.
     """
     from tqdm.auto import tqdm
 
@@ -454,12 +460,21 @@ def measure_sensitivity(
     batches = [(x.to(device), y.to(device)) for x, y in batches]
     bn_part, eval_part = batches[: allocation.bn_batches], batches[allocation.bn_batches :]
     group_scores = getattr(scores, "groups", scores)
+
+    def removed_at(g: ChannelGroup, w: int) -> list[int]:
+        keep = set(g.choose(None if group_scores is None else group_scores.get(g.name), w))
+        return [i for i in range(g.channels) if i not in keep]
+
+    around = {
+        g.name: removed_at(g, context[g.name])
+        for g in graph
+        if context is not None and context.get(g.name, g.channels) < g.channels
+    }
     trials = []  # (group, width, removed channels)
     for g in graph:
-        s = None if group_scores is None else group_scores.get(g.name)
-        for w in _ladder(g, allocation, rounding(round_to, g)):
-            keep = set(g.choose(s, w))
-            trials.append((g.name, w, [i for i in range(g.channels) if i not in keep]))
+        ladder = _ladder(g, allocation, rounding(round_to, g))
+        for w in ladder + ([g.channels] if around else []):  # whole: the group's own base
+            trials.append((g.name, w, removed_at(g, w)))
 
     h = hashlib.sha256(b"chip.sensitivity/1")
     for name, t in model.state_dict().items():
@@ -468,7 +483,7 @@ def measure_sensitivity(
     for x, y in batches:
         _hash_tensor(h, x)
         _hash_tensor(h, y)
-    h.update(json.dumps([allocation.bn_batches, allocation.loss, trials]).encode())
+    h.update(json.dumps([allocation.bn_batches, allocation.loss, trials, around]).encode())
     path = cache_dir() / f"sensitivity-{h.hexdigest()[:32]}.json"
     if path.is_file():
         try:
@@ -497,14 +512,22 @@ def measure_sensitivity(
     bar = tqdm(total=len(trials) + 1, desc="sensitivity", unit="trial", disable=not progress)
     with eval_mode(model):  # every module leaves with its own training flag
         try:
-            base = trial_loss({})
+            base = trial_loss(around)
             bar.update(1)
+            measured = {}
             for name, w, removed in trials:
-                loss.setdefault(name, []).append([w, trial_loss({name: removed}) - base])
+                others = {n: r for n, r in around.items() if n != name}
+                measured[name, w] = trial_loss({**others, name: removed} if removed else others)
                 bar.update(1)
+            for name, cut in context.items() if around else ():  # the operating point itself
+                measured.setdefault((name, cut), base)
+            for (name, w), value in measured.items():
+                if w < graph[name].channels:
+                    own = measured[name, graph[name].channels] if around else base
+                    loss.setdefault(name, []).append([w, value - own])
         finally:
             bar.close()
-    record = {"base_loss": base, "loss": loss}
+    record = {"base_loss": base, "loss": loss, "context": dict(context or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w") as f:
         json.dump(record, f)
@@ -526,15 +549,42 @@ def _sensitivity(
     if budget.fits(full):
         return full, {"ladder": list(allocation.ladder)}
     budget.require(smallest, f"the ladder's smallest fraction ({min(allocation.ladder):g})")
-    m = measure_sensitivity(model, graph, scores, data, allocation, budget.round_to, progress)
-    base_count = budget.kept(full)
+    context, seconds, cached, rounds = None, 0.0, True, []
+    for _ in range(allocation.rounds):  # each round measured around the last one's widths
+        m = measure_sensitivity(
+            model, graph, scores, data, allocation, budget.round_to, progress, context
+        )
+        widths, lam = _solve_sensitivity(budget, m, context or full, smallest)
+        seconds, cached = seconds + m["seconds"], cached and m["cached"]
+        rounds.append({"context": m["context"], "loss": m["loss"], "lagrange_multiplier": lam})
+        context = widths
+    record = {
+        "ladder": list(allocation.ladder),
+        "bn_batches": allocation.bn_batches,
+        "eval_batches": allocation.eval_batches,
+        "loss_kind": allocation.loss,
+        "base_loss": m["base_loss"],
+        "loss": rounds[0]["loss"],
+        "lagrange_multiplier": rounds[0]["lagrange_multiplier"],
+        "cached": cached,
+        "seconds": seconds,
+    }
+    if len(rounds) > 1:
+        record["rounds"] = rounds[1:]
+    return widths, record
+
+
+def _solve_sensitivity(budget: _Budget, m: dict, around: dict[str, int], smallest):
+    """(widths, Lagrange multiplier) from one measurement ``m`` made around ``around``."""
+    graph = budget.graph
     curves = {}  # group -> [(width, loss increase, own saving)], the whole width first
     for g in graph:
+        whole = budget.kept({**around, g.name: g.channels})
         points = sorted([(int(w), d) for w, d in m["loss"].get(g.name, [])], reverse=True)
         curve, worst = [(g.channels, 0.0, 0.0)], 0.0
         for w, d in points:  # fewer channels never cost less: the running max is the estimate
             worst = max(worst, d)
-            curve.append((w, worst, base_count - budget.kept({**full, g.name: w})))
+            curve.append((w, worst, whole - budget.kept({**around, g.name: w})))
         curves[g.name] = curve
 
     def widths_at(lam: float) -> dict[str, int]:
@@ -563,20 +613,9 @@ def _sensitivity(
         drop = interpolated(g.name, width) - interpolated(g.name, width + step)
         return drop / (per_channel[g.name] * step)
 
-    record = {
-        "ladder": list(allocation.ladder),
-        "bn_batches": allocation.bn_batches,
-        "eval_batches": allocation.eval_batches,
-        "loss_kind": allocation.loss,
-        "base_loss": m["base_loss"],
-        "loss": m["loss"],
-        "lagrange_multiplier": hi,
-        "cached": m["cached"],
-        "seconds": m["seconds"],
-    }
     if not budget.fits(start):  # a measured (latency) cost need not fall with every ladder step
         start = smallest
-    return budget.give_back(start, loss_drop_per_cost, gains=True), record
+    return budget.give_back(start, loss_drop_per_cost, gains=True), hi
 
 
 _SOLVERS = {"uniform": _uniform, "global": _global, "sensitivity": _sensitivity}
