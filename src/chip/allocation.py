@@ -21,7 +21,9 @@
   loss increase under the budget by a Lagrangian relaxation: for a multiplier ``lam`` each group takes the ladder width
   minimising ``dloss(w) - lam * saving(w)`` (saving: the group's own MACs or params saving), and
   ``lam`` is bisected to the smallest value whose exact joint count meets the budget; width steps
-  are then given back where the linearly interpolated loss drops most per MAC (or param).
+  are then given back where the linearly interpolated loss drops most per MAC (or param). With
+  ``rounds > 1`` every group is measured again with the others at the last round's widths, and
+  the widths solved again from those measurements.
 
 Widths respect each group's structure (:meth:`chip.groups.ChannelGroup.width`) and ``round_to``;
 the kept channels of a group are still its highest-scoring ones (``chip.planning``). The
@@ -88,7 +90,9 @@ class Allocation:
     order from the start of the loader, after seeding the RNGs with ``seed`` so a shuffling or
     augmenting loader gives the same batches again; ``None`` leaves them alone); ``loss``: what
     ``sensitivity`` measures on the held-out batches, ``"ce"`` (cross-entropy against the labels)
-    or ``"kl"`` (KL divergence from the unpruned model's own predictions, in nats per image).
+    or ``"kl"`` (KL divergence from the unpruned model's own predictions, in nats per image);
+    ``rounds``: ``sensitivity`` rounds, each after the first measured around the previous
+    round's widths (``docs/method.md`` section 3).
     """
 
     name: str = "uniform"
