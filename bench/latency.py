@@ -8,7 +8,10 @@ measured at that batch on this machine (``chip.latency.latency_table``, cached):
 * ``unpruned``;
 * ``flops=0.5`` with ``round_to=1`` and with ``round_to=auto`` (per group, the channel step at
   which the measured time drops);
-* ``latency=0.5``: keep half of the measured latency.
+* ``latency=0.5``: keep half of the measured latency;
+* ``fewest channels``: every group at the fewest channels chip allows (no plan): the share of the
+  latency that width pruning cannot remove (per-op overhead, un-prunable layers). If the rest
+  shrank with the MACs, ``flops=0.5`` could not measure below ``(floor + 1) / 2``.
 
 Channels are chosen by RANDOM scores: which channels are kept does not change the shapes, so the
 latency is the same as with CHIP scores. Every model is timed with :func:`chip.measure_latency`
@@ -36,9 +39,10 @@ import torchvision
 
 import chip.models as M
 from chip.counting import count
+from chip.errors import ChipError
 from chip.groups import find_groups
 from chip.latency import measure_latency
-from chip.planning import plan
+from chip.planning import GroupPlan, PruningPlan, plan
 from chip.prune import apply
 
 AUTO_FACTOR = 1.1  # round_to=auto: latency ratio <= AUTO_FACTOR * MACs ratio
@@ -65,7 +69,8 @@ class Variant:
         return self.target + (f" round_to={self.round_to}" if self.round_to != 1 else "")
 
 
-PLANS = [(None, 1), ("flops=0.5", 1), ("flops=0.5", "auto"), ("latency=0.5", 1)]
+FEWEST = "fewest channels"
+PLANS = [(None, 1), ("flops=0.5", 1), ("flops=0.5", "auto"), ("latency=0.5", 1), (FEWEST, 1)]
 
 
 def build(variant: Variant, size: int, batch: int, device: str = "cpu", seed: int = 0):
@@ -78,6 +83,10 @@ def build(variant: Variant, size: int, batch: int, device: str = "cpu", seed: in
     graph = find_groups(model, torch.zeros(input_size, device=device))
     gen = torch.Generator().manual_seed(seed)
     scores = {g.name: torch.rand(g.channels, generator=gen) for g in graph}
+    if variant.target == FEWEST:
+        groups = {g.name: GroupPlan(g.channels, g.choose(None, g.width(1))) for g in graph}
+        fewest = PruningPlan(groups, input_size=input_size, skipped=dict(graph.skipped))
+        return apply(model, fewest, inplace=True, graph=graph), None
     p = plan(model, scores, variant.target, round_to=variant.round_to, input_size=input_size,
              graph=graph, latency_batch=batch)  # fmt: skip
     return apply(model, p, inplace=True, graph=graph), p
@@ -115,8 +124,9 @@ def table(rows: list[dict]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
+        per_mac = "-" if r["plan"] == FEWEST else f"{r['latency_ratio'] / r['macs_ratio']:.3f}"
         extra = (
-            f"{r['latency_ratio']:9.3f} {r['latency_ratio'] / r['macs_ratio']:8.3f} "
+            f"{r['latency_ratio']:9.3f} {per_mac:>8s} "
             f"{_percent(r['prediction_error']):>8s}  {r['target']}"
             if r["pruned"]
             else f"{'-':>9s} {'-':>8s} {'-':>8s}  -"
@@ -171,7 +181,13 @@ def main(argv=None) -> int:
     rows = []
     for batch in (1, args.batch):
         variants = [Variant(a, t, r) for a in args.models for t, r in PLANS]
-        built = {v: build(v, sizes[v.arch], batch, args.device) for v in variants}
+        built = {}
+        for v in list(variants):
+            try:
+                built[v] = build(v, sizes[v.arch], batch, args.device)
+            except ChipError as e:  # e.g. a latency budget the fewest channels cannot reach
+                print(f"batch {batch} {v.arch} {v.label}: not planned: {e}", file=sys.stderr)
+                variants.remove(v)
         models = {v: m for v, (m, _) in built.items()}
         lat = time_models(models, sizes, batch, rounds, warmup, repeats)
         for v in variants:
@@ -180,6 +196,7 @@ def main(argv=None) -> int:
             macs_ratio = count(models[v], size).macs / count(models[base], size).macs
             ratio = lat[v] / lat[base]
             p = built[v][1]
+            pruned = v.target is not None
             pred = p.stats.get("latency") if p is not None else None
             predicted = pred["predicted_ms"] / pred["base_ms"] if pred else float("nan")
             rows.append(
@@ -188,7 +205,7 @@ def main(argv=None) -> int:
                     input=f"{sizes[v.arch]}x{sizes[v.arch]}",
                     plan=v.label,
                     batch=batch,
-                    pruned=p is not None,
+                    pruned=pruned,
                     macs_ratio=macs_ratio,
                     latency_ms=lat[v],
                     latency_ratio=ratio,
