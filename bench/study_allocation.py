@@ -6,7 +6,9 @@ set. For two budgets (``flops=0.5``, ``flops=0.3``) and every seed, each method 
 baseline:
 
 * ``chip-uniform`` / ``chip-global`` / ``chip-sensitivity``: CHIP scores (5 x 128 augmented
-  training images, seeded) with each allocation of :mod:`chip.allocation`;
+  training images, seeded) with each allocation of :mod:`chip.allocation` (default settings);
+  ``chip-sensitivity-r3``: ``sensitivity`` with three rounds, each after the first measured
+  around the last one's widths;
 * ``l1-uniform``: filter-L1 scores, one uniform rate (the simplest baseline);
 * ``tp-global`` / ``tp-local``: Torch-Pruning ``BasePruner`` + ``GroupMagnitudeImportance(p=2)``,
   global and per-layer, iterated until chip's MAC count meets the budget (``bench/peers.py``);
@@ -53,15 +55,16 @@ from chip.train import TrainConfig, evaluate, fit  # noqa: E402
 from chip.utils import seed_everything  # noqa: E402
 
 BUDGETS = (0.5, 0.3)
-METHODS = (
-    "chip-uniform",
-    "chip-global",
-    "chip-sensitivity",
-    "l1-uniform",
-    "tp-global",
-    "tp-local",
-    "fastnas",
-)
+# chip's methods: scores (criterion) and the allocation settings (chip.Allocation fields)
+CHIP_METHODS = {
+    "chip-uniform": ("chip", {"name": "uniform"}),
+    "chip-global": ("chip", {"name": "global"}),
+    "chip-sensitivity": ("chip", {"name": "sensitivity"}),
+    "chip-sensitivity-r3": ("chip", {"name": "sensitivity", "rounds": 3}),
+    "l1-uniform": ("l1", {"name": "uniform"}),
+}
+METHODS = (*CHIP_METHODS, "tp-global", "tp-local", "fastnas")
+SENSITIVITY = ("chip-sensitivity", "chip-sensitivity-r3")  # the methods the targets are for
 CAL_BATCHES, CAL_BATCH_SIZE, BN_BATCHES = 5, 128, 5
 FASTNAS_RATIOS = (0.25, 0.5, 0.75, 1.0)  # the same ladder as chip's sensitivity
 
@@ -99,14 +102,14 @@ class Study(fm.Study):
         model = copy.deepcopy(base)
         x = torch.zeros(self.input_size, device=self.device)
         t0 = time.perf_counter()
-        if method.startswith(("chip-", "l1-")):
-            criterion, allocation = method.split("-")
+        if method in CHIP_METHODS:
+            criterion, settings = CHIP_METHODS[method]
             loader = calibration_loader(train, CAL_BATCHES, CAL_BATCH_SIZE, seed)
             scores = score(model, loader, criterion, num_batches=CAL_BATCHES, seed=seed,
                            device=self.device, example_inputs=x, progress=False)  # fmt: skip
             data = calibration_loader(train, 4, CAL_BATCH_SIZE, seed + 1000)
             p = plan(model, scores, f"flops={budget}", input_size=self.input_size,
-                     allocation=chip.planning.Allocation(allocation, seed=seed), data=data,
+                     allocation=chip.planning.Allocation(**settings, seed=seed), data=data,
                      progress=False)  # fmt: skip
             seconds = time.perf_counter() - t0
             return apply(model, p, inplace=True), p, seconds
@@ -237,15 +240,17 @@ def verdict_lines(rows) -> list[str]:
                 f"* flops={budget}, {when}: better than uniform: {', '.join(better) or 'none'}; "
                 f"worse: {', '.join(worse) or 'none'}"
             )
-    for budget in BUDGETS:
-        s = rows.get((budget, "chip-sensitivity"), {})
+    for budget, method in ((b, m) for b in BUDGETS for m in SENSITIVITY):
+        s = rows.get((budget, method), {})
+        if not s:
+            continue
         d = s.get("diff_pruned")
         beats = bool(d and d[0] - d[1] > 0)
         peers = [m for m in ("tp-global", "tp-local", "fastnas") if (budget, m) in rows]
         level = [m for m in peers if s and s["finetuned"][0] + s["finetuned"][1]
                  >= rows[budget, m]["finetuned"][0]]  # fmt: skip
         out.append(
-            f"* target, flops={budget}: sensitivity beats uniform right after pruning by more than "
+            f"* target, flops={budget}, {method}: beats uniform right after pruning by more than "
             f"the seed noise: **{'met' if beats else 'not met'}**; at least level (within one std) "
             f"with every peer after fine-tuning: **{'met' if len(level) == len(peers) else 'not met'}**"
             + (

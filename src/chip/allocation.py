@@ -89,8 +89,9 @@ class Allocation:
     data for BatchNorm re-estimation and for the held-out loss (``sensitivity``, taken in that
     order from the start of the loader, after seeding the RNGs with ``seed`` so a shuffling or
     augmenting loader gives the same batches again; ``None`` leaves them alone); ``loss``: what
-    ``sensitivity`` measures on the held-out batches, ``"ce"`` (cross-entropy against the labels)
-    or ``"kl"`` (KL divergence from the unpruned model's own predictions, in nats per image);
+    ``sensitivity`` measures on the held-out batches, ``"kl"`` (KL divergence from the unpruned
+    model's own predictions, in nats per image; the default) or ``"ce"`` (cross-entropy against
+    the labels);
     ``rounds``: ``sensitivity`` rounds, each after the first measured around the previous
     round's widths (``docs/method.md`` section 3).
     """
@@ -101,7 +102,7 @@ class Allocation:
     bn_batches: int = 2
     eval_batches: int = 2
     seed: int | None = 0
-    loss: str = "ce"
+    loss: str = "kl"
     rounds: int = 1
 
     @property
