@@ -183,12 +183,12 @@ def test_sensitivity_second_round_is_measured_around_the_first_rounds_widths():
     names = ("stem.0", "a.0", "b.0", "c.0", "a.3")
     scores = {g: torch.rand(8, dtype=torch.float64) for g in names}
     p = plan(
-        model, scores, "flops=0.5", allocation={"name": "sensitivity", "rounds": 2}, data=data,
-        input_size=(1, 3, 12, 12), progress=False,
+        model, scores, "flops=0.5", allocation={"name": "sensitivity", "rounds": 2, "loss": "ce"},
+        data=data, input_size=(1, 3, 12, 12), progress=False,
     )  # fmt: skip
     assert p.stats["macs_kept"] <= 0.5
     first = plan(
-        model, scores, "flops=0.5", allocation="sensitivity", data=data,
+        model, scores, "flops=0.5", allocation={"name": "sensitivity", "loss": "ce"}, data=data,
         input_size=(1, 3, 12, 12), progress=False,
     )  # fmt: skip
     (second,) = p.allocation["rounds"]
@@ -204,9 +204,12 @@ def test_sensitivity_second_round_is_measured_around_the_first_rounds_widths():
         return A._loss(recalibrate_bn(chip.apply(model, one), data[:2], 2), data[2:])
 
     context = second["context"]
-    group = next(n for n in names if n != "stem.0" and any(
-        w != context[n] for w, _ in second["loss"][n]))  # fmt: skip
-    width, increase = next((w, d) for w, d in second["loss"][group] if w != context[group])
+    # the measurement that moved the loss most, away from the operating point
+    _, group, width = max(
+        (abs(d), n, w) for n, pts in second["loss"].items() for w, d in pts if w != context[n]
+    )
+    increase = dict(second["loss"][group])[width]
+    assert abs(increase) > 1e-3
     whole = loss_of({**context, group: graph[group].channels})
     assert loss_of({**context, group: width}) - whole == pytest.approx(increase, abs=1e-9)
     cut, at_context = context[group], dict(second["loss"][group]).get(context[group])
