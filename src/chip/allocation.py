@@ -561,14 +561,15 @@ def _sensitivity(
         )
         widths, lam = _solve_sensitivity(budget, m, context or full, smallest)
         seconds, cached = seconds + m["seconds"], cached and m["cached"]
-        rounds.append({"context": m["context"], "loss": m["loss"], "lagrange_multiplier": lam})
+        rounds.append({"context": m["context"], "loss": m["loss"], "lagrange_multiplier": lam,
+                       "base_loss": m["base_loss"]})  # fmt: skip
         context = widths
     record = {
         "ladder": list(allocation.ladder),
         "bn_batches": allocation.bn_batches,
         "eval_batches": allocation.eval_batches,
         "loss_kind": allocation.loss,
-        "base_loss": m["base_loss"],
+        "base_loss": rounds[0]["base_loss"],
         "loss": rounds[0]["loss"],
         "lagrange_multiplier": rounds[0]["lagrange_multiplier"],
         "cached": cached,
