@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -162,6 +163,14 @@ class Study(fm.Study):
         }
 
     def run(self, methods=METHODS, shard=(0, 1)) -> None:
+        if "fastnas" in methods and importlib.util.find_spec("modelopt") is None:
+            print(  # before any cell: a shard must not die at its first FastNAS cell
+                "study_allocation.py: fastnas needs NVIDIA ModelOpt: pip install "
+                "nvidia-modelopt==0.47.0 requests huggingface_hub torchprofile==0.0.4 "
+                "(or leave it out with --methods)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         self.check_settings()
         base, record = self.baseline()
         print(f"baseline {self.s.arch}: best test top-1 {record['best_top1']:.2f}%", flush=True)
