@@ -174,6 +174,17 @@ def test_sensitivity_measurements_are_those_of_the_pruned_model():
     assert A._loss(pruned, data[2:]) - base == pytest.approx(increase, rel=1e-9, abs=1e-12)
 
 
+def _pruned_to(model, graph, scores, widths, bn_batches):
+    """``model`` physically pruned to ``widths`` (best channels by ``scores``), its BatchNorm
+    statistics re-estimated on ``bn_batches``."""
+    keep = {n: graph[n].choose(scores.get(n), w) for n, w in widths.items()}
+    one = chip.PruningPlan(
+        groups={n: chip.planning.GroupPlan(graph[n].channels, k) for n, k in keep.items()},
+        input_size=(1, 3, 12, 12),
+    )
+    return recalibrate_bn(chip.apply(model, one), bn_batches, len(bn_batches))
+
+
 def test_sensitivity_second_round_is_measured_around_the_first_rounds_widths():
     """rounds=2: a group's increase is the loss with it cut and the others at the first round's
     widths, minus the loss with it whole and the others there (both on the pruned model)."""
@@ -196,12 +207,7 @@ def test_sensitivity_second_round_is_measured_around_the_first_rounds_widths():
     graph = chip.find_groups(model, torch.zeros(1, 3, 12, 12))
 
     def loss_of(widths):
-        keep = {n: graph[n].choose(scores.get(n), w) for n, w in widths.items()}
-        one = chip.PruningPlan(
-            groups={n: chip.planning.GroupPlan(graph[n].channels, k) for n, k in keep.items()},
-            input_size=(1, 3, 12, 12),
-        )
-        return A._loss(recalibrate_bn(chip.apply(model, one), data[:2], 2), data[2:])
+        return A._loss(_pruned_to(model, graph, scores, widths, data[:2]), data[2:])
 
     context = second["context"]
     # the measurement that moved the loss most, away from the operating point
@@ -235,12 +241,7 @@ def test_sensitivity_kl_is_the_divergence_from_the_unpruned_predictions():
     graph = chip.find_groups(model, torch.zeros(1, 3, 12, 12))
 
     def kl_of(widths):
-        keep = {n: graph[n].choose(scores.get(n), w) for n, w in widths.items()}
-        one = chip.PruningPlan(
-            groups={n: chip.planning.GroupPlan(graph[n].channels, k) for n, k in keep.items()},
-            input_size=(1, 3, 12, 12),
-        )
-        pruned = recalibrate_bn(chip.apply(model, one), data[:2], 2)
+        pruned = _pruned_to(model, graph, scores, widths, data[:2])
         total, n = 0.0, 0
         with torch.no_grad():
             for (x, _), ref in zip(data[2:], p_ref):
