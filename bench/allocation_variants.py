@@ -96,7 +96,9 @@ def report(out: Path) -> None:
     by: dict[tuple[float, str], dict[int, float]] = {}
     for r in rows(out):
         by.setdefault((r["budget"], r["variant"]), {})[r["seed"]] = r["top1"]
-    print(f"{'budget':>8s} {'variant':12s} {'n':>2s} {'top1 pruned + BN':>17s} {'diff vs uniform':>17s}")
+    print(
+        f"{'budget':>8s} {'variant':12s} {'n':>2s} {'top1 pruned + BN':>17s} {'diff vs uniform':>17s}"
+    )
     for (budget, name), seeds in sorted(by.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         vals = list(seeds.values())
         ref = by.get((budget, "uniform"), {})
