@@ -41,8 +41,8 @@ import chip.models as M
 from chip.counting import count
 from chip.errors import ChipError
 from chip.groups import find_groups
-from chip.latency import measure_latency
-from chip.planning import GroupPlan, PruningPlan, plan
+from chip.latency import first_channels_plan, measure_latency
+from chip.planning import plan
 from chip.prune import apply
 
 AUTO_FACTOR = 1.1  # round_to=auto: latency ratio <= AUTO_FACTOR * MACs ratio
@@ -81,12 +81,11 @@ def build(variant: Variant, size: int, batch: int, device: str = "cpu", seed: in
         return model, None
     input_size = (1, 3, size, size)
     graph = find_groups(model, torch.zeros(input_size, device=device))
+    if variant.target == FEWEST:
+        fewest = first_channels_plan(graph, {g.name: g.width(1) for g in graph}, input_size)
+        return apply(model, fewest, inplace=True, graph=graph), None
     gen = torch.Generator().manual_seed(seed)
     scores = {g.name: torch.rand(g.channels, generator=gen) for g in graph}
-    if variant.target == FEWEST:
-        groups = {g.name: GroupPlan(g.channels, g.choose(None, g.width(1))) for g in graph}
-        fewest = PruningPlan(groups, input_size=input_size, skipped=dict(graph.skipped))
-        return apply(model, fewest, inplace=True, graph=graph), None
     p = plan(model, scores, variant.target, round_to=variant.round_to, input_size=input_size,
              graph=graph, latency_batch=batch)  # fmt: skip
     return apply(model, p, inplace=True, graph=graph), p

@@ -33,6 +33,7 @@ __all__ = [
     "LatencyResult",
     "LatencyTable",
     "detect_step",
+    "first_channels_plan",
     "latency_table",
     "measure_latency",
     "measure_table",
@@ -360,16 +361,23 @@ def detect_step(widths: Sequence[int], times: Sequence[float], channels: int, un
     return best
 
 
+def first_channels_plan(graph, widths: Mapping[str, int], input_size):
+    """A :class:`chip.PruningPlan` cutting every group of ``graph`` to ``widths`` (its first
+    channels; which ones does not change the shapes, so neither the latency)."""
+    from .planning import GroupPlan, PruningPlan
+
+    groups = {g.name: GroupPlan(g.channels, g.choose(None, widths[g.name])) for g in graph}
+    size = (1, *tuple(input_size)[1:])
+    return PruningPlan(groups, input_size=size, skipped=dict(graph.skipped))
+
+
 def _pruned_ms(
     model: nn.Module, graph, widths: dict[str, int], input_size, min_time_s: float | None = None
 ) -> float:
     """Median ms of a copy of ``model`` with every group cut to ``widths`` (first channels)."""
-    from .planning import GroupPlan, PruningPlan
     from .prune import apply
 
-    groups = {g.name: GroupPlan(g.channels, g.choose(None, widths[g.name])) for g in graph}
-    p = PruningPlan(groups, input_size=(1, *tuple(input_size)[1:]), skipped=dict(graph.skipped))
-    pruned = apply(model, p, verify=False)
+    pruned = apply(model, first_channels_plan(graph, widths, input_size), verify=False)
     return measure_latency(
         pruned, input_size, warmup=3, repeats=10, min_time_s=min_time_s
     ).median_ms
