@@ -400,6 +400,19 @@ def report(study: Study, results: Path) -> None:
     write_section(results, "study_allocation", "\n".join(lines))
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n), 0 <= i < n; exits 2 naming the expected form otherwise."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        print(f"study_allocation.py: --shard {text!r}: expected i/n with 0 <= i < n (0/2, 1/2)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    return i, n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", type=Path, default=Path("runs/study_allocation"))
@@ -415,6 +428,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
+    shard = _shard(args.shard)  # before any work
     torch.set_num_threads(args.threads)
     settings = SCALES[args.scale]
     if args.seeds is not None:
@@ -428,9 +442,9 @@ def main(argv=None) -> int:
         study.baseline()
         return 0
     if not args.report_only:
-        i, n = (int(v) for v in args.shard.split("/"))
+        _, n = shard
         t0 = time.perf_counter()
-        study.run(args.methods, (i, n))
+        study.run(args.methods, shard)
         print(f"shard {args.shard} finished in {(time.perf_counter() - t0) / 60:.1f} min")
         if n > 1:
             return 0

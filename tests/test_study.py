@@ -1,5 +1,5 @@
 """bench/study_fashion_mnist.py end to end on tiny Fashion-MNIST IDX files: cells, cache, resume,
-stability and the RESULTS.md it writes."""
+stability and the RESULTS.md it writes; bench/study_allocation.py's --shard check."""
 
 from __future__ import annotations
 
@@ -122,3 +122,13 @@ def test_study_runs_caches_resumes_and_reports(study_module, tmp_path):
     m.write_results(study, results, "python bench/study_fashion_mnist.py", gpu, "report")
     text = results.read_text()
     assert "ci ms | 1.0" in text and "Not run for this file" not in text
+
+
+@pytest.mark.parametrize("text", ["2/2", "0/0", "-1/2", "1", "a/b"])
+def test_allocation_study_refuses_a_bad_shard(text, capsys):
+    module = load_module(STUDY.with_name("study_allocation.py"), "chip_study_allocation")
+    assert module._shard("1/2") == (1, 2)
+    with pytest.raises(SystemExit) as e:
+        module._shard(text)
+    assert e.value.code == 2
+    assert "expected i/n with 0 <= i < n" in capsys.readouterr().err
