@@ -338,3 +338,27 @@ def test_latency_on_the_meta_device_is_one_line(capsys):
     assert "--device meta holds no data" in capsys.readouterr().err
     with pytest.raises(ChipError, match="meta device"):
         measure_latency(torch.nn.Linear(2, 2, device="meta"), (1, 2))
+
+
+@pytest.mark.parametrize("op_ms, loop", [(0.01, 128), (0.3, 4), (5.0, 1), (1e-5, 256)])
+def test_layer_timing_loops_short_operations_into_long_samples(op_ms, loop):
+    """A sample runs the operation back to back until it lasts ``_SAMPLE_MS`` (1 ms), at most
+    256 times, and reports the time per run; the fake timer's jitter is per sample, so looping
+    divides it by ``loop``."""
+    from chip.latency import _median_ms
+
+    runs, sizes = [0], []
+    jitter = iter([0.0] + [0.05, -0.05, 0.02, 0.0, 0.01])  # the first timing sets the loop
+
+    def op():
+        runs[0] += 1
+
+    def timer(run):
+        before = runs[0]
+        run()
+        sizes.append(runs[0] - before)
+        return sizes[-1] * op_ms + next(jitter)
+
+    assert _median_ms(op, timer) == pytest.approx(op_ms + 0.01 / loop)
+    assert sizes == [1] + [loop] * 5
+    assert runs[0] == 2 + 1 + 5 * loop  # two warm-up runs first

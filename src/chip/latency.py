@@ -212,7 +212,9 @@ def measure_latency(
 _STEPS = (2, 4, 8, 16, 32, 64)  # channel steps round_to="auto" considers
 _STEP_TOLERANCE = 0.25  # within a block: at most this share of the jump between blocks
 _STEP_AGREE = 0.8  # the share of widths that must be flat within their block
-_TABLE_FORMAT = 2  # raised whenever measure_table or detect_step changes what a table holds
+_SAMPLE_MS = 1.0  # a layer timing's sample lasts at least this long (runs looped)
+_MAX_LOOP = 256
+_TABLE_FORMAT = 3  # raised whenever measure_table or detect_step changes what a table holds
 _FINE = 33  # widths measured one step apart below each group's full width (step detection)
 _TIMED = (nn.modules.conv._ConvNd, nn.Linear)  # the layers the table times
 
@@ -239,12 +241,29 @@ def _layer_time(module: nn.Module, shape: tuple[int, ...], out_c: int, in_c: int
         def run():
             return conv(x, w, None, groups=groups, **kw)
 
-    timer = _TIMERS.get(device.type, _cpu_timer)
     with torch.inference_mode():
-        for _ in range(2):
+        return _median_ms(run, _TIMERS.get(device.type, _cpu_timer))
+
+
+def _median_ms(run: Callable[[], object], timer: Callable, samples: int = 5) -> float:
+    """Median ms of one ``run()`` over ``samples`` timed samples, after two warm-up runs.
+
+    A sample times ``k`` back-to-back runs and divides by ``k``, the least power of two (at most
+    ``_MAX_LOOP``) for which a first run's time fills ``_SAMPLE_MS`` (as ``timeit`` autoranges):
+    an operation of a few microseconds timed alone is mostly clock and scheduler jitter.
+    """
+    for _ in range(2):
+        run()
+    one = max(timer(run), 1e-6)
+    k = 1
+    while k * one < _SAMPLE_MS and k < _MAX_LOOP:
+        k *= 2
+
+    def loop():
+        for _ in range(k):
             run()
-        times = [timer(run) for _ in range(5)]
-    return float(np.median(times))
+
+    return float(np.median([timer(loop) / k for _ in range(samples)]))
 
 
 @dataclass
