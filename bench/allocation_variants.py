@@ -47,6 +47,7 @@ VARIANTS = {
     "ce-r2": {"name": "sensitivity", "loss": "ce", "rounds": 2},
     "kl-r2": {"name": "sensitivity", "loss": "kl", "rounds": 2},
     "kl-r3": {"name": "sensitivity", "loss": "kl", "rounds": 3},
+    "kl-r5": {"name": "sensitivity", "loss": "kl", "rounds": 5},
     "kl-fine-r2": {"name": "sensitivity", "loss": "kl", "rounds": 2, "ladder": FINE},
     "kl-fine-r3": {"name": "sensitivity", "loss": "kl", "rounds": 3, "ladder": FINE},
     "kl-r3-8-batches": {"name": "sensitivity", "rounds": 3, "bn_batches": 4, "eval_batches": 4},
