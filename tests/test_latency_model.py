@@ -74,6 +74,42 @@ def test_table_of_a_blocked_timer_finds_8_channel_steps_and_round_to_auto_uses_t
     assert all(s == 1 for s in smooth_table.steps.values())
 
 
+@pytest.mark.parametrize("auto_faster", [True, False])
+def test_round_to_auto_keeps_its_steps_only_where_they_measure_faster(monkeypatch, auto_faster):
+    """round_to="auto" measures its plan against the same target with no rounding and keeps
+    the faster; a fake measurement says which (here by whether every width is a multiple of 8,
+    as the blocked table's steps make them)."""
+    from chip import latency
+
+    real_table = latency.latency_table
+    monkeypatch.setattr(latency, "latency_table",
+                        lambda m, g, s, time_layer=None: real_table(m, g, s, time_layer=blocked))  # fmt: skip
+    seen = []
+
+    def fake_measure(model, graph, size):
+        def measure(widths):
+            seen.append(dict(widths))
+            stepped = all(w % 8 == 0 for w in widths.values())
+            return 1.0 if stepped == auto_faster else 2.0
+
+        return measure
+
+    monkeypatch.setattr(latency, "measure_widths", fake_measure)
+    model = create("resnet20", num_classes=4).eval()
+    p = plan(model, None, "flops=0.5", round_to="auto", input_size=(1, 3, 16, 16))
+    check = p.stats["latency"]["round_to_check"]
+    assert len(seen) == 4 and seen[0] != seen[1]  # two interleaved rounds of the two plans
+    assert p.stats["macs_kept"] <= 0.5
+    if auto_faster:
+        assert check == {"auto_ms": 1.0, "step1_ms": 2.0, "kept": "auto"}
+        assert all(w % 8 == 0 for w in p.widths().values()) and set(
+            p.stats["round_to"].values()
+        ) == {8}
+    else:
+        assert check == {"auto_ms": 2.0, "step1_ms": 1.0, "kept": "step 1"}
+        assert p.widths() == seen[1] and set(p.stats["round_to"].values()) == {1}
+
+
 def test_round_to_auto_gives_macs_back_where_they_cost_no_time():
     # time only in the first stage (16x16 maps, 8-channel blocks); narrowing stages 2-3 saves
     # nothing, so the steps given back after the uniform rate should go there first

@@ -545,6 +545,12 @@ def _latency_lines(p, measured: tuple[float, float] | None = None) -> list[str]:
             f"latency checked on pruned copies: {lat['measured_ratio']:.3f} of "
             f"{lat['measured_base_ms']:.3f} ms measured (asked -> measured: {asked})"
         )
+    if "round_to_check" in lat:
+        c = lat["round_to_check"]
+        lines.append(
+            f"round to auto: its steps measured {c['auto_ms']:.3f} ms, no rounding "
+            f"{c['step1_ms']:.3f} ms; kept {'the steps' if c['kept'] == 'auto' else 'no rounding'}"
+        )
     if measured is not None:
         m0, m1 = measured
         lines.append(
@@ -689,6 +695,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     measured_base_latency_ms=lat["measured_base_ms"],
                     latency_rounds=lat["rounds"],
                 )
+            if "round_to_check" in lat:
+                obj["round_to_check"] = lat["round_to_check"]
         print(json.dumps(obj))
         return 0
     lines = [

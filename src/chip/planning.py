@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from . import latency
 from .allocation import Allocation, kept_width, rounding, solve
 from .counting import CONVENTION, WidthCounter
 from .errors import ChipError, ChipWarning
@@ -352,7 +353,10 @@ def plan(
         target: sparsity string, uniform rate, ``{layer: rate}`` mapping or ``"flops=0.5"`` budget.
         round_to: kept widths become multiples of this (hardware-friendly shapes); ``"auto"``:
             per group, the channel step at which the measured latency drops
-            (:func:`chip.latency.detect_step`).
+            (:func:`chip.latency.detect_step`); except for a ``latency=`` budget (measured
+            anyway), the rounded plan is then timed against the same target with no rounding,
+            and the faster kept (:func:`chip.latency.faster_widths`, recorded in
+            ``stats["latency"]["round_to_check"]``).
         input_size: example input (N, C, H, W) for tracing and counting; default: the size the
             model's source declares (zoo, timm), else a :class:`ChipError`.
         allocation: how a budget target is spread over the groups: ``"uniform"``,
@@ -393,51 +397,46 @@ def plan(
     counter = graph.counter
     if counter is None or counter.input_size != tuple(input_size)[1:]:
         counter = WidthCounter(model, graph, input_size)
-    record: dict[str, Any] = {}
-    table = None
+    table, measured, checked = None, None, None
+    size = (latency_batch, *input_size[1:])
     if measures_latency(target, round_to):
-        from .latency import latency_table
+        table = latency.latency_table(model, graph, size, time_layer=time_layer)
+    latency_budget = kind == "budget" and value[0] == "latency"
 
-        size = (latency_batch, *input_size[1:])
-        table = latency_table(model, graph, size, time_layer=time_layer)
-        if round_to == "auto":
-            round_to = dict(table.steps)
-    measured = None
-    if kind == "budget":
+    def widths_for(round_to):
+        if kind != "budget":
+            rates = {
+                "sparsity": lambda: _sparsity_rates(arch, value, graph),
+                "uniform": lambda: {g.name: value for g in graph},
+                "layers": lambda: _layer_rates(value, graph),
+            }[kind]()
+            widths = {
+                g.name: kept_width(g, rates.get(g.name, 0.0), rounding(round_to, g)) for g in graph
+            }
+            if _is_int(round_to):
+                _warn_rounded_away(graph, rates, widths, round_to)
+            return widths, {}, None
 
         def solve_at(fraction: float):
-            return solve(
-                value[0],
-                fraction,
-                graph,
-                counter,
-                round_to,
-                allocation,
-                latency=table,
-                scores=scores,
-                model=model,
-                data=data,
-                progress=progress,
-            )
+            return solve(value[0], fraction, graph, counter, round_to, allocation, latency=table,
+                         scores=scores, model=model, data=data, progress=progress)  # fmt: skip
 
-        if value[0] == "latency" and value[1] < 1 and time_layer is None:  # measure the plan
-            from .latency import measure_widths, meet_latency
+        if latency_budget and value[1] < 1 and time_layer is None:  # measure the plan
+            measure = latency.measure_widths(model, graph, size)
+            return latency.meet_latency(solve_at, value[1], measure)
+        return (*solve_at(value[1]), None)
 
-            measure = measure_widths(model, graph, (latency_batch, *input_size[1:]))
-            widths, record, measured = meet_latency(solve_at, value[1], measure)
-        else:
-            widths, record = solve_at(value[1])
-    else:
-        rates = {
-            "sparsity": lambda: _sparsity_rates(arch, value, graph),
-            "uniform": lambda: {g.name: value for g in graph},
-            "layers": lambda: _layer_rates(value, graph),
-        }[kind]()
-        widths = {
-            g.name: kept_width(g, rates.get(g.name, 0.0), rounding(round_to, g)) for g in graph
-        }
-        if _is_int(round_to):
-            _warn_rounded_away(graph, rates, widths, round_to)
+    if round_to == "auto":
+        round_to = dict(table.steps)
+    widths, record, measured = widths_for(round_to)
+    if isinstance(round_to, dict) and not latency_budget and time_layer is None:
+        # auto steps are kept only where they measure faster than no rounding at all
+        plain = widths_for(1)
+        if plain[0] != widths:
+            measure = latency.measure_widths(model, graph, size)
+            faster, checked = latency.faster_widths(measure, widths, plain[0])
+            if faster == "step 1":
+                (widths, record, measured), round_to = plain, {}  # step 1 in every group
 
     group_scores = getattr(scores, "groups", scores)
     groups = {}
@@ -463,6 +462,8 @@ def plan(
         }
         if measured is not None:
             stats["latency"].update(measured)
+        if checked is not None:
+            stats["latency"]["round_to_check"] = checked
     if isinstance(round_to, dict):
         stats["round_to"] = {g.name: round_to.get(g.name, 1) for g in graph}
     if kind == "budget":
