@@ -18,7 +18,8 @@ latency is the same as with CHIP scores. Every model is timed with :func:`chip.m
 (``torch.inference_mode``, eval mode, warm-up runs, median of the timed runs) in interleaved
 rounds; each latency is the median of the per-round medians. Targets: with ``round_to=auto`` the
 latency ratio is at most 1.1 x the MACs ratio; ``latency=0.5`` is met within 5 % (ratio <= 0.525).
-The prediction error of chip's table is printed for every pruned row.
+The prediction error of chip's table is printed for every pruned row; a ``round_to=auto`` row
+says which plan chip kept after timing it against no rounding (``kept: auto`` or ``step 1``).
 
     python bench/latency.py                          # full run
     python bench/latency.py --quick --threads 1      # a quick look (fewer repeats, 112x112)
@@ -127,6 +128,7 @@ def table(rows: list[dict]) -> str:
         extra = (
             f"{r['latency_ratio']:9.3f} {per_mac:>8s} "
             f"{_percent(r['prediction_error']):>8s}  {r['target']}"
+            + (f" (kept: {r['kept']})" if r.get("kept") else "")
             if r["pruned"]
             else f"{'-':>9s} {'-':>8s} {'-':>8s}  -"
         )
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
                     predicted_ratio=predicted,
                     prediction_error=(predicted - ratio) / ratio,
                     target=_verdict(v, macs_ratio, ratio),
+                    kept=(pred or {}).get("round_to_check", {}).get("kept"),
                 )  # fmt: skip
             )
     print(
