@@ -469,14 +469,15 @@ def faster_widths(
     plain: dict[str, int],
     rounds: int = 2,
 ) -> tuple[str, dict]:
-    """Which of two plans' widths measures faster: ``auto`` (rounded to the table's steps) or
-    ``plain`` (the same target with no rounding); ``measure`` as for :func:`meet_latency`.
+    """Which of two plans' widths measures faster: ``auto`` (``round_to="auto"``: the table's
+    steps and its give-back) or ``plain`` (what ``round_to=1`` gives for the same target, no
+    latency table); ``measure`` as for :func:`meet_latency`.
 
     Both are measured in ``rounds`` interleaved rounds; ``"step 1"`` wins only with a strictly
-    smaller median. Returns ``(winner, {"auto_ms", "step1_ms", "kept"})``: a table's steps
-    predict where time drops, but at a small batch the rounded widths can measure slower
-    (resnet50, batch 1, 1 CPU thread: 2-4 % slower than no rounding), and ``round_to="auto"``
-    must never cost time.
+    smaller median. Returns ``(winner, {"auto_ms", "step1_ms", "kept"})``: a table predicts,
+    and at a small batch its plan can measure slower (ResNet-56 and ResNet-50 at batch 1 on one
+    CPU thread: 3-10 % slower than ``round_to=1``), and ``round_to="auto"`` must never cost
+    time.
     """
     times: dict[str, list[float]] = {"auto": [], "step 1": []}
     for _ in range(rounds):

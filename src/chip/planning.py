@@ -354,8 +354,8 @@ def plan(
         round_to: kept widths become multiples of this (hardware-friendly shapes); ``"auto"``:
             per group, the channel step at which the measured latency drops
             (:func:`chip.latency.detect_step`); except for a ``latency=`` budget (measured
-            anyway), the rounded plan is then timed against the same target with no rounding,
-            and the faster kept (:func:`chip.latency.faster_widths`, recorded in
+            anyway), that plan is then timed against the plan ``round_to=1`` gives for the
+            same target, and the faster kept (:func:`chip.latency.faster_widths`, recorded in
             ``stats["latency"]["round_to_check"]``).
         input_size: example input (N, C, H, W) for tracing and counting; default: the size the
             model's source declares (zoo, timm), else a :class:`ChipError`.
@@ -403,7 +403,7 @@ def plan(
         table = latency.latency_table(model, graph, size, time_layer=time_layer)
     latency_budget = kind == "budget" and value[0] == "latency"
 
-    def widths_for(round_to):
+    def widths_for(round_to, table):
         if kind != "budget":
             rates = {
                 "sparsity": lambda: _sparsity_rates(arch, value, graph),
@@ -428,10 +428,10 @@ def plan(
 
     if round_to == "auto":
         round_to = dict(table.steps)
-    widths, record, measured = widths_for(round_to)
+    widths, record, measured = widths_for(round_to, table)
     if isinstance(round_to, dict) and not latency_budget and time_layer is None:
-        # auto steps are kept only where they measure faster than no rounding at all
-        plain = widths_for(1)
+        # auto is kept only where it measures faster than the plan round_to=1 gives
+        plain = widths_for(1, None)
         if plain[0] != widths:
             measure = latency.measure_widths(model, graph, size)
             faster, checked = latency.faster_widths(measure, widths, plain[0])
