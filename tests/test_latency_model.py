@@ -398,3 +398,28 @@ def test_layer_timing_loops_short_operations_into_long_samples(op_ms, loop):
     assert _median_ms(op, timer) == pytest.approx(op_ms + 0.01 / loop)
     assert sizes == [1] + [loop] * 5
     assert runs[0] == 2 + 1 + 5 * loop  # two warm-up runs first
+
+
+def test_latency_corrections_stay_inside_the_bracket_of_over_and_undershoots():
+    from chip.latency import _bracketed, meet_latency
+
+    below, above = {"asked": 0.6, "measured": 0.40}, {"asked": 0.8, "measured": 0.56}
+    aim = 0.5 * (1 - 0.03 / 2)
+    inside = 0.6 + (aim - 0.40) * 0.2 / 0.16
+    assert _bracketed(0.9, [below, above], 0.5, aim, 0.03) == pytest.approx(inside)
+    assert _bracketed(0.7, [below, above], 0.5, aim, 0.03) == 0.7  # already inside
+    assert _bracketed(0.9, [below], 0.5, aim, 0.03) == 0.9  # no bracket yet
+    swapped = [{**below, "asked": 0.9}, above]  # noise: out of order, left alone
+    assert _bracketed(0.95, swapped, 0.5, aim, 0.03) == 0.95
+
+    # a table that over-predicts small plans: the measured ratio is 0.2 + 0.8 a^4 of the asked a;
+    # the band is reached in the sixth round (four, the old default, ended at 0.438)
+    def solve_at(fraction):
+        return {"g": round(fraction * 10_000)}, {}
+
+    def measure(widths):
+        return 10.0 if widths is None else 10.0 * (0.2 + 0.8 * (widths["g"] / 10_000) ** 4)
+
+    _, _, info = meet_latency(solve_at, 0.5, measure)
+    assert 0.485 <= info["measured_ratio"] <= 0.5
+    assert len(info["rounds"]) <= 6

@@ -407,7 +407,7 @@ def meet_latency(
     fraction: float,
     measure: Callable[[dict[str, int] | None], float],
     *,
-    rounds: int = 4,
+    rounds: int = 6,
     tolerance: float = 0.03,
 ) -> tuple[dict[str, int], dict, dict]:
     """Meet a ``latency=fraction`` budget as measured, not only as predicted.
@@ -416,7 +416,8 @@ def meet_latency(
     the ms of the model pruned to ``widths`` (``None``: unpruned). Each round measures the
     unpruned model and then the solved widths, and aims the next at the middle of the band
     ``[fraction * (1 - tolerance), fraction]``: proportionally after the first round, then along
-    the secant through the last two (asked, measured) points; a budget the solver cannot reach
+    the secant through the last two (asked, measured) points, kept inside the bracket of asked
+    budgets that measured below and above the band once there is one; a budget the solver cannot reach
     is halved towards the last one that worked. It stops inside the band or after ``rounds``
     measurements, and returns the widest widths measured at most ``fraction`` (else the fastest,
     with a :class:`ChipWarning` naming the ratio reached), their record, and
@@ -449,6 +450,7 @@ def meet_latency(
             (a0, m0), (a1, m1) = ((h["asked"], h["measured"]) for h in history[-2:])
             if a1 != a0 and (m1 - m0) / (a1 - a0) > 0:
                 asked = a1 + (aim - m1) * (a1 - a0) / (m1 - m0)
+        asked = _bracketed(asked, history, fraction, aim, tolerance)
         asked = min(1.0, max(asked, 1e-3))
     _, widths, record, ratio = best
     base = float(np.median([h["base_ms"] for h in history]))
@@ -486,6 +488,26 @@ def faster_widths(
     ms = {k: float(np.median(v)) for k, v in times.items()}
     winner = "step 1" if ms["step 1"] < ms["auto"] else "auto"
     return winner, {"auto_ms": ms["auto"], "step1_ms": ms["step 1"], "kept": winner}
+
+
+def _bracketed(asked: float, history: list[dict], fraction: float, aim: float, tol: float) -> float:
+    """``asked``, kept inside the bracket the rounds so far have found: between the largest
+    budget asked that measured below the band ``[fraction * (1 - tol), fraction]`` and the
+    smallest that measured above it (interpolated in that bracket, its middle when the
+    interpolation falls outside), so that a correction never repeats an overshoot."""
+    below = [h for h in history if h["measured"] < fraction * (1 - tol)]
+    above = [h for h in history if h["measured"] > fraction]
+    if not below or not above:
+        return asked
+    lo = max(below, key=lambda h: h["asked"])
+    hi = min(above, key=lambda h: h["asked"])
+    if not lo["asked"] < hi["asked"]:
+        return asked  # measurements out of order (noise): leave the secant's choice
+    if lo["asked"] < asked < hi["asked"]:
+        return asked
+    (a0, m0), (a1, m1) = (lo["asked"], lo["measured"]), (hi["asked"], hi["measured"])
+    inside = a0 + (aim - m0) * (a1 - a0) / (m1 - m0)
+    return inside if a0 < inside < a1 else (a0 + a1) / 2
 
 
 def measure_widths(model: nn.Module, graph, input_size) -> Callable[[dict | None], float]:

@@ -369,7 +369,7 @@ def plan(
             measured at, on the device of the model's parameters and with torch's current
             thread count (:func:`chip.latency.latency_table`, cached on disk). A ``latency=``
             budget is then checked on pruned copies measured against the model, and the asked
-            budget corrected, up to 4 rounds (:func:`chip.latency.meet_latency`; recorded in
+            budget corrected, up to 6 rounds (:func:`chip.latency.meet_latency`; recorded in
             ``stats["latency"]["rounds"]``).
         time_layer: replaces the layer timer (tests).
 
