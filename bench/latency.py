@@ -20,7 +20,8 @@ rounds; each latency is the median of the per-round medians. Targets: with ``rou
 latency ratio is at most 1.1 x the MACs ratio; ``latency=0.5`` is met within 5 % either way
 (0.475 <= ratio <= 0.525: a plan far below the budget has thrown away channels it could keep).
 The prediction error of chip's table is printed for every pruned row; a ``round_to=auto`` row
-says which plan chip kept after timing it against no rounding (``kept: auto`` or ``step 1``).
+says which plan chip kept after timing it against the plan ``round_to=1`` gives (``kept: auto``
+or ``step 1``).
 
     python bench/latency.py                          # full run
     python bench/latency.py --quick --threads 1      # a quick look (fewer repeats, 112x112)

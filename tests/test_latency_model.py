@@ -76,8 +76,8 @@ def test_table_of_a_blocked_timer_finds_8_channel_steps_and_round_to_auto_uses_t
 
 @pytest.mark.parametrize("auto_faster", [True, False])
 def test_round_to_auto_keeps_its_steps_only_where_they_measure_faster(monkeypatch, auto_faster):
-    """round_to="auto" measures its plan against the same target with no rounding and keeps
-    the faster; a fake measurement says which (here by whether every width is a multiple of 8,
+    """round_to="auto" measures its plan against the plan round_to=1 gives and keeps the
+    faster; a fake measurement says which (here by whether every width is a multiple of 8,
     as the blocked table's steps make them)."""
     from chip import latency
 
