@@ -15,8 +15,9 @@ measured at that batch on this machine (``chip.latency.latency_table``, cached):
 
 Channels are chosen by RANDOM scores: which channels are kept does not change the shapes, so the
 latency is the same as with CHIP scores. Every model is timed with :func:`chip.measure_latency`
-(``torch.inference_mode``, eval mode, warm-up runs, median of the timed runs) in interleaved
-rounds; each latency is the median of the per-round medians. Targets: with ``round_to=auto`` the
+(``torch.inference_mode``, eval mode, warm-up runs, median of the timed runs, at least
+``--min-time`` seconds of them) in interleaved rounds, the order reversed every other round;
+each latency is the median of the per-round medians. Targets: with ``round_to=auto`` the
 latency ratio is at most 1.1 x the MACs ratio; ``latency=0.5`` is met within 5 % either way
 (0.475 <= ratio <= 0.525: a plan far below the budget has thrown away channels it could keep).
 The prediction error of chip's table is printed for every pruned row; a ``round_to=auto`` row
@@ -101,13 +102,16 @@ def time_models(
     rounds: int,
     warmup: int,
     repeats: int,
+    min_time_s: float | None = None,
 ) -> dict[Variant, float]:
-    """Median over ``rounds`` interleaved rounds of each model's median latency (ms)."""
+    """Median over ``rounds`` interleaved rounds of each model's median latency (ms); the order
+    is reversed every other round, so a steady drift of the machine weighs on all alike."""
     per_round: dict[Variant, list[float]] = {v: [] for v in models}
     for r in range(rounds):
-        for v, model in models.items():
+        for v, model in list(models.items())[:: 1 if r % 2 == 0 else -1]:
             size = sizes[v.arch]
-            res = measure_latency(model, (batch, 3, size, size), warmup=warmup, repeats=repeats)
+            res = measure_latency(model, (batch, 3, size, size), warmup=warmup, repeats=repeats,
+                                  min_time_s=min_time_s)  # fmt: skip
             per_round[v].append(res.median_ms)
             print(
                 f"  round {r + 1}/{rounds} batch {batch:3d} {v.arch:9s} {v.label:28s} "
@@ -164,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per round (default 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per round (default 3)")
+    ap.add_argument("--min-time", type=float, default=None,
+                    help="timed seconds per model and round, at least (default 0.5)")  # fmt: skip
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--device", default="cpu", help="where to plan and time (cpu, cuda)")
     args = ap.parse_args(argv)
@@ -182,6 +188,7 @@ def main(argv=None) -> int:
     rounds = args.rounds or (1 if quick else 3)
     repeats = args.repeats or (3 if quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    min_time = args.min_time if args.min_time is not None else (0.0 if quick else 0.5)
     rows = []
     for batch in (1, args.batch):
         variants = [Variant(a, t, r) for a in args.models for t, r in PLANS]
@@ -193,7 +200,7 @@ def main(argv=None) -> int:
                 print(f"batch {batch} {v.arch} {v.label}: not planned: {e}", file=sys.stderr)
                 variants.remove(v)
         models = {v: m for v, (m, _) in built.items()}
-        lat = time_models(models, sizes, batch, rounds, warmup, repeats)
+        lat = time_models(models, sizes, batch, rounds, warmup, repeats, min_time or None)
         for v in variants:
             base = Variant(v.arch)
             size = (1, 3, sizes[v.arch], sizes[v.arch])
@@ -222,7 +229,8 @@ def main(argv=None) -> int:
             )
     print(
         f"torch {torch.__version__}, {where}; scores random; "
-        f"{rounds} rounds x {repeats} runs (warm-up {warmup}); latencies = median of round "
+        f"{rounds} rounds x {repeats} runs, at least {min_time:g} s (warm-up {warmup}); "
+        f"latencies = median of round "
         f"medians; MACs = conv+linear, batch 1; targets: round_to=auto latency ratio <= "
         f"{AUTO_FACTOR} x MACs ratio; latency=F achieved within {LATENCY_SLACK - 1:.0%} of F"
     )

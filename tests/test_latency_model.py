@@ -423,3 +423,41 @@ def test_latency_corrections_stay_inside_the_bracket_of_over_and_undershoots():
     _, _, info = meet_latency(solve_at, 0.5, measure)
     assert 0.485 <= info["measured_ratio"] <= 0.5
     assert len(info["rounds"]) <= 6
+
+
+def test_latency_rounds_cancel_a_steady_drift_of_the_machine():
+    """Every measurement takes 10 % longer than the one before (a machine heating up, a
+    neighbour starting): each pruned model is measured between two unpruned ones (A-B-A), so
+    the ratio is the true one. Measuring the unpruned model only before would read 0.55."""
+    from chip.latency import meet_latency
+
+    calls = []
+
+    def measure(widths):  # the truth: ratio widths / 8 of a 10 ms model
+        calls.append(widths)
+        true = 10.0 if widths is None else 10.0 * widths["g"] / 8
+        return true * (1 + 0.1 * len(calls))
+
+    def solve_at(fraction):
+        return {"g": max(1, min(8, round(fraction * 8)))}, {}
+
+    widths, _, info = meet_latency(solve_at, 0.5, measure)
+    assert widths == {"g": 4} and info["measured_ratio"] == pytest.approx(0.5)
+    assert calls == [None, {"g": 4}, None] and len(info["rounds"]) == 1
+
+
+def test_round_to_auto_check_alternates_the_order_of_its_two_plans():
+    """Two equally fast plans on a machine getting faster at every measurement: A-B-B-A
+    measures them alike and keeps auto (a tie); A-B-A-B would call step 1 faster."""
+    from chip.latency import faster_widths
+
+    clock = iter([8.0, 7.0, 6.0, 5.0])
+    order = []
+
+    def measure(widths):
+        order.append(widths["g"])
+        return next(clock)
+
+    winner, check = faster_widths(measure, {"g": 8}, {"g": 7})
+    assert order == [8, 7, 7, 8]
+    assert winner == "auto" and check == {"auto_ms": 6.5, "step1_ms": 6.5, "kept": "auto"}

@@ -214,7 +214,7 @@ _STEP_TOLERANCE = 0.25  # within a block: at most this share of the jump between
 _STEP_AGREE = 0.8  # the share of widths that must be flat within their block
 _SAMPLE_MS = 1.0  # a layer timing's sample lasts at least this long (runs looped)
 _MAX_LOOP = 256
-_TABLE_FORMAT = 3  # raised whenever measure_table or detect_step changes what a table holds
+_TABLE_FORMAT = 4  # raised whenever measure_table or detect_step changes what a table holds
 _FINE = 33  # widths measured one step apart below each group's full width (step detection)
 _TIMED = (nn.modules.conv._ConvNd, nn.Linear)  # the layers the table times
 
@@ -414,7 +414,10 @@ def meet_latency(
 
     ``solve_at(f)`` returns ``(widths, record)`` for a predicted budget ``f``; ``measure(widths)``
     the ms of the model pruned to ``widths`` (``None``: unpruned). Each round measures the
-    unpruned model and then the solved widths, and aims the next at the middle of the band
+    solved widths between two measurements of the unpruned model (A-B-A: the unpruned model is
+    measured once first, then after every pruned one, and each ratio is against the mean of the
+    measurements either side, so that a machine drifting at a steady rate cancels out), and
+    aims the next at the middle of the band
     ``[fraction * (1 - tolerance), fraction]``: proportionally after the first round, then along
     the secant through the last two (asked, measured) points, kept inside the bracket of asked
     budgets that measured below and above the band once there is one; a budget the solver cannot reach
@@ -427,6 +430,7 @@ def meet_latency(
 
     aim = fraction * (1 - tolerance / 2)
     asked, history, best, tries = fraction, [], None, 0
+    before = None  # the unpruned model's last measurement
     while len(history) < rounds and tries < 2 * rounds:
         tries += 1
         try:
@@ -436,8 +440,12 @@ def meet_latency(
                 raise
             asked = (asked + history[-1]["asked"]) / 2  # the correction went past the reachable
             continue
-        base = measure(None)  # each round against the unpruned model measured just before
-        ratio = measure(widths) / base
+        if before is None:
+            before = measure(None)
+        pruned = measure(widths)
+        after = measure(None)  # A-B-A: against the unpruned model measured either side
+        base, before = (before + after) / 2, after
+        ratio = pruned / base
         history.append({"asked": asked, "measured": ratio, "base_ms": base})
         met = ratio <= fraction
         rank = (met, sum(widths.values()) if met else -ratio)
@@ -475,16 +483,18 @@ def faster_widths(
     steps and its give-back) or ``plain`` (what ``round_to=1`` gives for the same target, no
     latency table); ``measure`` as for :func:`meet_latency`.
 
-    Both are measured in ``rounds`` interleaved rounds; ``"step 1"`` wins only with a strictly
+    Both are measured in ``rounds`` interleaved rounds, the order reversed every other round
+    (A-B-B-A); ``"step 1"`` wins only with a strictly
     smaller median. Returns ``(winner, {"auto_ms", "step1_ms", "kept"})``: a table predicts,
     and at a small batch its plan can measure slower (ResNet-56 and ResNet-50 at batch 1 on one
     CPU thread: 3-10 % slower than ``round_to=1``), and ``round_to="auto"`` must never cost
     time.
     """
     times: dict[str, list[float]] = {"auto": [], "step 1": []}
-    for _ in range(rounds):
-        times["auto"].append(measure(auto))
-        times["step 1"].append(measure(plain))
+    plans = {"auto": auto, "step 1": plain}
+    for r in range(rounds):  # A-B, B-A, ...: a steady drift weighs on both alike
+        for name in list(plans)[:: 1 if r % 2 == 0 else -1]:
+            times[name].append(measure(plans[name]))
     ms = {k: float(np.median(v)) for k, v in times.items()}
     winner = "step 1" if ms["step 1"] < ms["auto"] else "auto"
     return winner, {"auto_ms": ms["auto"], "step1_ms": ms["step 1"], "kept": winner}
@@ -554,8 +564,10 @@ def measure_table(
         input_size: (batch, C, H, W) the latency is for.
         time_layer: ms of one layer at (output, input) channels on an input shaped like the
             given one (default: :func:`_layer_time`, real timing; tests pass a fake).
-        base_ms: the whole model's latency (default: :func:`measure_latency` of it; with a
-            ``time_layer`` given, the sum of its times of every conv/linear layer).
+        base_ms: the whole model's latency (default: the mean of two :func:`measure_latency`
+            runs of it, either side of the half-width model that fits the other operations'
+            slope; with a ``time_layer`` given, the sum of its times of every conv/linear
+            layer).
     """
     _check_timeable(device_dtype(model)[0])
     if base_ms is None and time_layer is not None:
@@ -617,14 +629,16 @@ def measure_table(
         steps[g.name] = detect_step(widths, [total[w] for w in widths], g.channels, g.step)
     rest = {}
     if base_ms is None:
-        base_ms = measure_latency(model, input_size, warmup=3, repeats=10).median_ms
         half = {g.name: g.width(max(1, g.channels // 2)) for g in graph}
         weights = {
             g.name: [sum(outputs.get(m.name, 0) for m in g.members if m.kind == "out"), g.channels]
             for g in graph
         }
         rest = {"half_widths": half, "weights": weights}
-        rest["half_ms"] = _pruned_ms(model, graph, half, input_size)
+        measure = measure_widths(model, graph, input_size)
+        before = measure(None)  # A-B-A: the whole model either side of the half-width one
+        rest["half_ms"] = measure(half)
+        base_ms = (before + measure(None)) / 2
         rest["a_half"] = LatencyTable(base_ms, {}, {}, {}, rest)._kept_activations(half)
         if not rest["a_half"] < 0.95:  # too little of the activations narrowed to fit a slope
             rest = {}
