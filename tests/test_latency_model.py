@@ -461,3 +461,16 @@ def test_round_to_auto_check_alternates_the_order_of_its_two_plans():
     winner, check = faster_widths(measure, {"g": 8}, {"g": 7})
     assert order == [8, 7, 7, 8]
     assert winner == "auto" and check == {"auto_ms": 6.5, "step1_ms": 6.5, "kept": "auto"}
+
+
+def test_detect_step_where_the_multiples_are_faster_than_their_block():
+    """The shape oneDNN gave on one CPU at batch 64 (ResNet-50 at 112x112): flat in blocks of 16,
+    but the multiple of 16 itself 10 % faster than the 15 widths padded up to it. Rounding up
+    costs no time: a step of 16 (the two-sided test "flat within the block" found none).
+    Multiples slower than their block are no step."""
+    widths = list(range(1, 65))
+    times = [0.05 * w if w <= 16 else 1.0 + math.ceil(w / 16) for w in widths]
+    times = [t * (0.9 if w % 16 == 0 and w > 16 else 1.0) for w, t in zip(widths, times)]
+    assert detect_step(widths, times, 64) == 16
+    slow_multiples = [t * (1.5 if w % 16 == 0 and w > 16 else 1.0) for w, t in zip(widths, times)]
+    assert detect_step(widths, slow_multiples, 64) == 1

@@ -210,11 +210,11 @@ def measure_latency(
 # -- latency cost model: measured time saved per (group, kept width) -------------------------------
 
 _STEPS = (2, 4, 8, 16, 32, 64)  # channel steps round_to="auto" considers
-_STEP_TOLERANCE = 0.25  # within a block: at most this share of the jump between blocks
-_STEP_AGREE = 0.8  # the share of widths that must be flat within their block
+_STEP_TOLERANCE = 0.25  # rounding up within a block: at most this share of the jump between blocks
+_STEP_AGREE = 0.8  # the share of widths that must cost no time rounded up
 _SAMPLE_MS = 1.0  # a layer timing's sample lasts at least this long (runs looped)
 _MAX_LOOP = 256
-_TABLE_FORMAT = 4  # raised whenever measure_table or detect_step changes what a table holds
+_TABLE_FORMAT = 5  # raised whenever measure_table or detect_step changes what a table holds
 _FINE = 33  # widths measured one step apart below each group's full width (step detection)
 _TIMED = (nn.modules.conv._ConvNd, nn.Linear)  # the layers the table times
 
@@ -352,12 +352,14 @@ class LatencyTable:
 
 def detect_step(widths: Sequence[int], times: Sequence[float], channels: int, unit: int = 1) -> int:
     """The largest channel step ``s`` (a multiple of ``unit`` among 2, 4, ..., 64 and below
-    ``channels``, else ``unit``) at which the measured ``times`` are flat between multiples.
+    ``channels``, else ``unit``) at which rounding a width up to a multiple costs no time.
 
-    Flat means: of the measured widths ``w > s`` that are not multiples of ``s``, at least
-    ``_STEP_AGREE`` (80 %) take the time of the next multiple ``ceil(w / s) * s`` (when measured)
-    within a quarter of the median jump between consecutive measured multiples, and that jump is
-    positive. Widths below ``s`` are not compared: rounding to ``s`` keeps at least ``s``
+    No time means: of the measured widths ``w > s`` that are not multiples of ``s``, at least
+    ``_STEP_AGREE`` (80 %) take at least the time of the next multiple ``ceil(w / s) * s`` (when
+    measured) less a quarter of the median jump between consecutive measured multiples, and that
+    jump is positive. A multiple may be faster than the widths below it (oneDNN on one CPU
+    measured here: 48 channels 10 % faster than 33-47, which are padded to 48 and take a slower
+    kernel). Widths below ``s`` are not compared: rounding to ``s`` keeps at least ``s``
     channels, and below the first block time often still falls channel by channel (oneDNN CPU
     convolutions measured here: flat in blocks of 16 above 16 channels, linear below). The share
     rather than every width tolerates an outlier timing; a curve that falls with every channel
@@ -374,7 +376,7 @@ def detect_step(widths: Sequence[int], times: Sequence[float], channels: int, un
         if not pairs or not jumps:
             continue
         jump = float(np.median(jumps))
-        flat = sum(abs(t[w] - t[up]) <= _STEP_TOLERANCE * jump for w, up in pairs)
+        flat = sum(t[up] - t[w] <= _STEP_TOLERANCE * jump for w, up in pairs)
         if jump > 0 and flat >= _STEP_AGREE * len(pairs):
             best = s
     return best
