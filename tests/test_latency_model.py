@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import chip
 from chip.allocation import Allocation, solve
@@ -86,19 +88,16 @@ def test_round_to_auto_keeps_its_steps_only_where_they_measure_faster(monkeypatc
                         lambda m, g, s, time_layer=None: real_table(m, g, s, time_layer=blocked))  # fmt: skip
     seen = []
 
-    def fake_measure(model, graph, size):
-        def measure(widths):
-            seen.append(dict(widths))
-            stepped = all(w % 8 == 0 for w in widths.values())
-            return 1.0 if stepped == auto_faster else 2.0
+    def ms(widths):
+        seen.append(dict(widths))
+        stepped = all(w % 8 == 0 for w in widths.values())
+        return 1.0 if stepped == auto_faster else 2.0
 
-        return measure
-
-    monkeypatch.setattr(latency, "measure_widths", fake_measure)
+    monkeypatch.setattr(latency, "compare_widths", lambda model, graph, size: _compare(ms))
     model = create("resnet20", num_classes=4).eval()
     p = plan(model, None, "flops=0.5", round_to="auto", input_size=(1, 3, 16, 16))
     check = p.stats["latency"]["round_to_check"]
-    assert len(seen) == 4 and seen[0] != seen[1]  # two interleaved rounds of the two plans
+    assert len(seen) == 2 and seen[0] != seen[1]  # the two plans, compared
     assert p.stats["macs_kept"] <= 0.5
     if auto_faster:
         assert check == {"auto_ms": 1.0, "step1_ms": 2.0, "kept": "auto"}
@@ -326,7 +325,7 @@ def test_a_latency_budget_is_corrected_until_the_measured_model_meets_it():
     def measure(widths):  # the truth: 2 ms the pruning cannot remove
         return 10.0 if widths is None else 2.0 + widths["g"]
 
-    widths, record, info = meet_latency(solve_at, 0.5, measure)
+    widths, record, info = meet_latency(solve_at, 0.5, _compare(measure))
     second = 0.5 * 0.5 * (1 - 0.03 / 2) / 0.6  # aimed inside the band [0.485, 0.5]
     assert [r["asked"] for r in info["rounds"]] == [0.5, pytest.approx(second)]
     assert widths == {"g": 3} and info["measured_ratio"] == pytest.approx(0.5)
@@ -335,7 +334,7 @@ def test_a_latency_budget_is_corrected_until_the_measured_model_meets_it():
     from chip.errors import ChipWarning
 
     with pytest.warns(ChipWarning, match=r"latency=0.2: the fastest plan found measures 0.300"):
-        widths, _, info = meet_latency(solve_at, 0.2, measure)
+        widths, _, info = meet_latency(solve_at, 0.2, _compare(measure))
     assert widths == {"g": 1} and info["measured_ratio"] == pytest.approx(0.3)
 
 
@@ -420,47 +419,43 @@ def test_latency_corrections_stay_inside_the_bracket_of_over_and_undershoots():
     def measure(widths):
         return 10.0 if widths is None else 10.0 * (0.2 + 0.8 * (widths["g"] / 10_000) ** 4)
 
-    _, _, info = meet_latency(solve_at, 0.5, measure)
+    _, _, info = meet_latency(solve_at, 0.5, _compare(measure))
     assert 0.485 <= info["measured_ratio"] <= 0.5
     assert len(info["rounds"]) <= 6
 
 
-def test_latency_rounds_cancel_a_steady_drift_of_the_machine():
-    """Every measurement takes 10 % longer than the one before (a machine heating up, a
-    neighbour starting): each pruned model is measured between two unpruned ones (A-B-A), so
-    the ratio is the true one. Measuring the unpruned model only before would read 0.55."""
-    from chip.latency import meet_latency
+def test_interleaved_timing_cancels_the_machine_slowing_down(monkeypatch):
+    """Halfway through, every run takes 50 % longer (a neighbour's job starts): the ratio of
+    adjacent runs (A, B, A, B, ...) is still the true 0.5. Two medians taken one after the
+    other (the unpruned model, then the pruned one) would read 0.75."""
+    from chip import latency
 
-    calls = []
+    runs, slow_after = [], [100]
 
-    def measure(widths):  # the truth: ratio widths / 8 of a 10 ms model
-        calls.append(widths)
-        true = 10.0 if widths is None else 10.0 * widths["g"] / 8
-        return true * (1 + 0.1 * len(calls))
+    class Cost(nn.Module):  # a model that only says how long it takes
+        def __init__(self, ms):
+            super().__init__()
+            self.ms = ms
 
-    def solve_at(fraction):
-        return {"g": max(1, min(8, round(fraction * 8)))}, {}
+        def forward(self, x):
+            runs.append(self.ms)
+            return x
 
-    widths, _, info = meet_latency(solve_at, 0.5, measure)
-    assert widths == {"g": 4} and info["measured_ratio"] == pytest.approx(0.5)
-    assert calls == [None, {"g": 4}, None] and len(info["rounds"]) == 1
+    def timer(run):
+        run()
+        return runs[-1] * (1.5 if len(runs) > slow_after[0] else 1.0)
 
-
-def test_round_to_auto_check_alternates_the_order_of_its_two_plans():
-    """Two equally fast plans on a machine getting faster at every measurement: A-B-B-A
-    measures them alike and keeps auto (a tie); A-B-A-B would call step 1 faster."""
-    from chip.latency import faster_widths
-
-    clock = iter([8.0, 7.0, 6.0, 5.0])
-    order = []
-
-    def measure(widths):
-        order.append(widths["g"])
-        return next(clock)
-
-    winner, check = faster_widths(measure, {"g": 8}, {"g": 7})
-    assert order == [8, 7, 7, 8]
-    assert winner == "auto" and check == {"auto_ms": 6.5, "step1_ms": 6.5, "kept": "auto"}
+    monkeypatch.setattr(latency, "_cpu_timer", timer)
+    base, pruned = Cost(10.0), Cost(5.0)
+    ta, tb = latency.interleaved_ms([base, pruned], (1, 3, 4, 4), min_time_s=1.5, warmup=2)
+    assert runs[:4] == [10.0, 10.0, 5.0, 5.0] and runs[4:8] == [10.0, 5.0, 10.0, 5.0]
+    assert len(ta) == len(tb) and sum(ta) + sum(tb) >= 1500 and max(ta) == 15.0
+    assert float(np.median(np.asarray(tb) / np.asarray(ta))) == pytest.approx(0.5)
+    runs.clear()  # one after the other: the slow part falls mostly on the pruned model
+    slow_after[0] = 30
+    sequential = [latency.interleaved_ms([m], (1, 3, 4, 4), min_time_s=0.5, warmup=0)[0]
+                  for m in (base, pruned)]  # fmt: skip
+    assert np.median(sequential[1]) / np.median(sequential[0]) == pytest.approx(0.75)
 
 
 def test_detect_step_where_the_multiples_are_faster_than_their_block():
@@ -474,3 +469,13 @@ def test_detect_step_where_the_multiples_are_faster_than_their_block():
     assert detect_step(widths, times, 64) == 16
     slow_multiples = [t * (1.5 if w % 16 == 0 and w > 16 else 1.0) for w, t in zip(widths, times)]
     assert detect_step(widths, slow_multiples, 64) == 1
+
+
+def _compare(ms):
+    """A ``compare`` for meet_latency / faster_widths from a fake ``ms(widths)``."""
+
+    def compare(a, b):
+        x, y = ms(a), ms(b)
+        return x, y, y / x
+
+    return compare

@@ -32,8 +32,10 @@ from chip.utils import AMP_DTYPES, device_dtype, eval_mode
 __all__ = [
     "LatencyResult",
     "LatencyTable",
+    "compare_widths",
     "detect_step",
     "first_channels_plan",
+    "interleaved_ms",
     "latency_table",
     "measure_latency",
     "measure_table",
@@ -404,22 +406,25 @@ def _pruned_ms(
     ).median_ms
 
 
+Compare = Callable[[dict | None, dict | None], tuple[float, float, float]]
+
+
 def meet_latency(
     solve_at: Callable[[float], tuple[dict[str, int], dict]],
     fraction: float,
-    measure: Callable[[dict[str, int] | None], float],
+    compare: Compare,
     *,
     rounds: int = 6,
     tolerance: float = 0.03,
 ) -> tuple[dict[str, int], dict, dict]:
     """Meet a ``latency=fraction`` budget as measured, not only as predicted.
 
-    ``solve_at(f)`` returns ``(widths, record)`` for a predicted budget ``f``; ``measure(widths)``
-    the ms of the model pruned to ``widths`` (``None``: unpruned). Each round measures the
-    solved widths between two measurements of the unpruned model (A-B-A: the unpruned model is
-    measured once first, then after every pruned one, and each ratio is against the mean of the
-    measurements either side, so that a machine drifting at a steady rate cancels out), and
-    aims the next at the middle of the band
+    ``solve_at(f)`` returns ``(widths, record)`` for a predicted budget ``f``; ``compare(a, b)``
+    times the model pruned to widths ``a`` and ``b`` (``None``: unpruned) against each other and
+    returns ``(ms of a, ms of b, ratio b / a)`` (:func:`compare_widths`: runs interleaved one by
+    one, the ratio the median of adjacent pairs', so that the machine's drift cancels). Each
+    round compares the unpruned model with the solved widths, and aims the next at the middle
+    of the band
     ``[fraction * (1 - tolerance), fraction]``: proportionally after the first round, then along
     the secant through the last two (asked, measured) points, kept inside the bracket of asked
     budgets that measured below and above the band once there is one; a budget the solver cannot reach
@@ -432,7 +437,6 @@ def meet_latency(
 
     aim = fraction * (1 - tolerance / 2)
     asked, history, best, tries = fraction, [], None, 0
-    before = None  # the unpruned model's last measurement
     while len(history) < rounds and tries < 2 * rounds:
         tries += 1
         try:
@@ -442,12 +446,7 @@ def meet_latency(
                 raise
             asked = (asked + history[-1]["asked"]) / 2  # the correction went past the reachable
             continue
-        if before is None:
-            before = measure(None)
-        pruned = measure(widths)
-        after = measure(None)  # A-B-A: against the unpruned model measured either side
-        base, before = (before + after) / 2, after
-        ratio = pruned / base
+        base, _, ratio = compare(None, widths)
         history.append({"asked": asked, "measured": ratio, "base_ms": base})
         met = ratio <= fraction
         rank = (met, sum(widths.values()) if met else -ratio)
@@ -476,30 +475,21 @@ def meet_latency(
 
 
 def faster_widths(
-    measure: Callable[[dict[str, int] | None], float],
-    auto: dict[str, int],
-    plain: dict[str, int],
-    rounds: int = 2,
+    compare: Compare, auto: dict[str, int], plain: dict[str, int]
 ) -> tuple[str, dict]:
     """Which of two plans' widths measures faster: ``auto`` (``round_to="auto"``: the table's
     steps and its give-back) or ``plain`` (what ``round_to=1`` gives for the same target, no
-    latency table); ``measure`` as for :func:`meet_latency`.
+    latency table); ``compare`` as for :func:`meet_latency`.
 
-    Both are measured in ``rounds`` interleaved rounds, the order reversed every other round
-    (A-B-B-A); ``"step 1"`` wins only with a strictly
-    smaller median. Returns ``(winner, {"auto_ms", "step1_ms", "kept"})``: a table predicts,
+    ``"step 1"`` wins only when the median ratio of its runs to auto's adjacent runs is strictly
+    below 1. Returns ``(winner, {"auto_ms", "step1_ms", "kept"})``: a table predicts,
     and at a small batch its plan can measure slower (ResNet-56 and ResNet-50 at batch 1 on one
     CPU thread: 3-10 % slower than ``round_to=1``), and ``round_to="auto"`` must never cost
     time.
     """
-    times: dict[str, list[float]] = {"auto": [], "step 1": []}
-    plans = {"auto": auto, "step 1": plain}
-    for r in range(rounds):  # A-B, B-A, ...: a steady drift weighs on both alike
-        for name in list(plans)[:: 1 if r % 2 == 0 else -1]:
-            times[name].append(measure(plans[name]))
-    ms = {k: float(np.median(v)) for k, v in times.items()}
-    winner = "step 1" if ms["step 1"] < ms["auto"] else "auto"
-    return winner, {"auto_ms": ms["auto"], "step1_ms": ms["step 1"], "kept": winner}
+    auto_ms, step1_ms, ratio = compare(auto, plain)
+    winner = "step 1" if ratio < 1 else "auto"
+    return winner, {"auto_ms": auto_ms, "step1_ms": step1_ms, "kept": winner}
 
 
 def _bracketed(asked: float, history: list[dict], fraction: float, aim: float, tol: float) -> float:
@@ -523,8 +513,8 @@ def _bracketed(asked: float, history: list[dict], fraction: float, aim: float, t
 
 
 def measure_widths(model: nn.Module, graph, input_size) -> Callable[[dict | None], float]:
-    """``measure`` for :func:`meet_latency`: median ms of ``model`` (``None``) or of a copy
-    pruned to the given widths, at ``input_size`` on the model's device and thread count."""
+    """Median ms of ``model`` (``None``) or of a copy pruned to the given widths, at
+    ``input_size`` on the model's device and thread count (at least 0.5 s of runs)."""
 
     def measure(widths: dict | None) -> float:
         if widths is None:
@@ -534,6 +524,56 @@ def measure_widths(model: nn.Module, graph, input_size) -> Callable[[dict | None
         return _pruned_ms(model, graph, widths, input_size, min_time_s=0.5)
 
     return measure
+
+
+def compare_widths(model: nn.Module, graph, input_size, min_time_s: float = 1.0) -> Compare:
+    """``compare`` for :func:`meet_latency` and :func:`faster_widths`: ``compare(a, b)`` times
+    ``model`` (widths ``None``) or copies pruned to widths ``a`` and ``b`` with
+    :func:`interleaved_ms` and returns ``(median ms of a, median ms of b, ratio)``, the ratio
+    the median of ``b / a`` over adjacent pairs of runs."""
+    from .prune import apply
+
+    def build(widths):
+        if widths is None:
+            return model
+        return apply(model, first_channels_plan(graph, widths, input_size), verify=False)
+
+    def compare(a: dict | None, b: dict | None) -> tuple[float, float, float]:
+        ta, tb = interleaved_ms([build(a), build(b)], input_size, min_time_s=min_time_s)
+        ratio = float(np.median(np.asarray(tb) / np.asarray(ta)))
+        return float(np.median(ta)), float(np.median(tb)), ratio
+
+    return compare
+
+
+def interleaved_ms(
+    models: Sequence[nn.Module], input_size, *, min_time_s: float = 1.0, warmup: int = 3,
+    repeats: int = 10,
+) -> list[list[float]]:  # fmt: skip
+    """Ms of single runs of ``models`` timed in turn (A, B, A, B, ...) on one input of
+    ``input_size`` on the first model's device, in eval and inference mode, after ``warmup``
+    untimed runs of each, until each has run ``repeats`` times and all together ``min_time_s``
+    seconds. One list of times per model, in order: ``times[1][i] / times[0][i]`` compares two
+    runs a few milliseconds apart, so a machine slowing down or speeding up (a neighbour's job,
+    frequency scaling) weighs on both alike, where two medians taken one after the other can
+    differ by 10-20 % on a shared VM."""
+    size = check_input_size(input_size)
+    dev, dtype = device_dtype(models[0])
+    x = _make_input(size, dev, dtype, None)
+    timer = _TIMERS.get(dev.type, _cpu_timer)
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        runs = []
+        for m in models:
+            stack.enter_context(eval_mode(m))
+            runs.append(functools.partial(m, x))
+        for run in runs:
+            for _ in range(warmup):
+                run()
+        while len(times[0]) < repeats or sum(map(sum, times)) < min_time_s * 1e3:
+            for t, run in zip(times, runs):
+                t.append(timer(run))
+    return times
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:

@@ -422,8 +422,8 @@ def plan(
                          scores=scores, model=model, data=data, progress=progress)  # fmt: skip
 
         if latency_budget and value[1] < 1 and time_layer is None:  # measure the plan
-            measure = latency.measure_widths(model, graph, size)
-            return latency.meet_latency(solve_at, value[1], measure)
+            compare = latency.compare_widths(model, graph, size)
+            return latency.meet_latency(solve_at, value[1], compare)
         return (*solve_at(value[1]), None)
 
     if round_to == "auto":
@@ -433,8 +433,8 @@ def plan(
         # auto is kept only where it measures faster than the plan round_to=1 gives
         plain = widths_for(1, None)
         if plain[0] != widths:
-            measure = latency.measure_widths(model, graph, size)
-            faster, checked = latency.faster_widths(measure, widths, plain[0])
+            compare = latency.compare_widths(model, graph, size)
+            faster, checked = latency.faster_widths(compare, widths, plain[0])
             if faster == "step 1":
                 (widths, record, measured), round_to = plain, {}  # step 1 in every group
 
