@@ -5,7 +5,8 @@ Models: ``resnet56`` (chip zoo, CIFAR, 32x32), ``resnet50`` (chip zoo, torchvisi
 size (1 and ``--batch``, default 64) every model is pruned four ways, with chip's latency table
 measured at that batch on this machine (``chip.latency.latency_table``, cached):
 
-* ``unpruned``;
+* ``unpruned``, and ``unpruned, second copy``: a fresh copy of it, whose measured ratio (ideally
+  1) is the error of the measurement itself;
 * ``flops=0.5`` with ``round_to=1`` and with ``round_to=auto`` (per group, the channel step at
   which the measured time drops);
 * ``latency=0.5``: keep half of the measured latency;
@@ -14,10 +15,12 @@ measured at that batch on this machine (``chip.latency.latency_table``, cached):
   shrank with the MACs, ``flops=0.5`` could not measure below ``(floor + 1) / 2``.
 
 Channels are chosen by RANDOM scores: which channels are kept does not change the shapes, so the
-latency is the same as with CHIP scores. Every model is timed with :func:`chip.measure_latency`
-(``torch.inference_mode``, eval mode, warm-up runs, median of the timed runs, at least
-``--min-time`` seconds of them) in interleaved rounds, the order reversed every other round;
-each latency is the median of the per-round medians. Targets: with ``round_to=auto`` the
+latency is the same as with CHIP scores. In each of ``--rounds`` rounds every model is timed
+in turn with its unpruned model (:func:`chip.latency.interleaved_ms`: ``torch.inference_mode``,
+eval mode, warm-up runs, then at least ``--repeats`` turns each and ``--min-time`` seconds in
+all, a short run repeated to fill 20 ms per turn), the order of the models reversed every other
+round; a latency ratio is the median over the rounds of the median ratio of adjacent turns (the
+machine's drift cancels), a latency the median over the rounds of the median turn. Targets: with ``round_to=auto`` the
 latency ratio is at most 1.1 x the MACs ratio; ``latency=0.5`` is met within 5 % either way
 (0.475 <= ratio <= 0.525: a plan far below the budget has thrown away channels it could keep).
 The prediction error of chip's table is printed for every pruned row; a ``round_to=auto`` row
@@ -45,7 +48,7 @@ import chip.models as M
 from chip.counting import count
 from chip.errors import ChipError
 from chip.groups import find_groups
-from chip.latency import first_channels_plan, measure_latency
+from chip.latency import first_channels_plan, interleaved_ms
 from chip.planning import plan
 from chip.prune import apply
 
@@ -74,7 +77,9 @@ class Variant:
 
 
 FEWEST = "fewest channels"
-PLANS = [(None, 1), ("flops=0.5", 1), ("flops=0.5", "auto"), ("latency=0.5", 1), (FEWEST, 1)]
+COPY = "unpruned, second copy"  # the measurement's own error: its ratio should be 1
+PLANS = [(None, 1), (COPY, 1), ("flops=0.5", 1), ("flops=0.5", "auto"), ("latency=0.5", 1),
+         (FEWEST, 1)]  # fmt: skip
 
 
 def build(variant: Variant, size: int, batch: int, device: str = "cpu", seed: int = 0):
@@ -85,6 +90,8 @@ def build(variant: Variant, size: int, batch: int, device: str = "cpu", seed: in
         return model, None
     input_size = (1, 3, size, size)
     graph = find_groups(model, torch.zeros(input_size, device=device))
+    if variant.target == COPY:
+        return model, None
     if variant.target == FEWEST:
         fewest = first_channels_plan(graph, {g.name: g.width(1) for g in graph}, input_size)
         return apply(model, fewest, inplace=True, graph=graph), None
@@ -102,24 +109,32 @@ def time_models(
     rounds: int,
     warmup: int,
     repeats: int,
-    min_time_s: float | None = None,
-) -> dict[Variant, float]:
-    """Median over ``rounds`` interleaved rounds of each model's median latency (ms); the order
-    is reversed every other round, so a steady drift of the machine weighs on all alike."""
-    per_round: dict[Variant, list[float]] = {v: [] for v in models}
+    min_time_s: float,
+) -> dict[Variant, tuple[float, float]]:
+    """Per variant, (latency in ms, ratio to its unpruned model), each the median over ``rounds``
+    rounds. In a round every other model is timed in turn with its architecture's unpruned model
+    (:func:`chip.latency.interleaved_ms`: adjacent turns a few ms apart, the ratio the median of
+    the turns' ratios, so the machine's drift cancels), the order reversed every other round."""
+    ms: dict[Variant, list[float]] = {v: [] for v in models}
+    ratios: dict[Variant, list[float]] = {v: [] for v in models}
     for r in range(rounds):
-        for v, model in list(models.items())[:: 1 if r % 2 == 0 else -1]:
-            size = sizes[v.arch]
-            res = measure_latency(model, (batch, 3, size, size), warmup=warmup, repeats=repeats,
-                                  min_time_s=min_time_s)  # fmt: skip
-            per_round[v].append(res.median_ms)
+        for v in [v for v in models if v.target is not None][:: 1 if r % 2 == 0 else -1]:
+            base, size = Variant(v.arch), sizes[v.arch]
+            tb, tv = interleaved_ms([models[base], models[v]], (batch, 3, size, size),
+                                    min_time_s=min_time_s, warmup=warmup, repeats=repeats)  # fmt: skip
+            ms[base].append(statistics.median(tb))
+            ms[v].append(statistics.median(tv))
+            ratios[v].append(statistics.median(b / a for a, b in zip(tb, tv)))
             print(
                 f"  round {r + 1}/{rounds} batch {batch:3d} {v.arch:9s} {v.label:28s} "
-                f"{res.median_ms:10.2f} ms",
+                f"{ms[v][-1]:10.2f} ms, ratio {ratios[v][-1]:.3f}",
                 file=sys.stderr,
                 flush=True,
             )
-    return {v: statistics.median(ts) for v, ts in per_round.items()}
+    return {
+        v: (statistics.median(ms[v]), statistics.median(ratios[v]) if ratios[v] else 1.0)
+        for v in models
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -130,7 +145,9 @@ def table(rows: list[dict]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        per_mac = "-" if r["plan"] == FEWEST else f"{r['latency_ratio'] / r['macs_ratio']:.3f}"
+        per_mac = (
+            "-" if r["plan"] in (FEWEST, COPY) else f"{r['latency_ratio'] / r['macs_ratio']:.3f}"
+        )
         extra = (
             f"{r['latency_ratio']:9.3f} {per_mac:>8s} "
             f"{_percent(r['prediction_error']):>8s}  {r['target']}"
@@ -166,10 +183,12 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
     ap.add_argument("--image-size", type=int, default=None, help="ImageNet models' input side")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per round (default 10)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="turns per model and round (default 10)"
+    )
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per round (default 3)")
     ap.add_argument("--min-time", type=float, default=None,
-                    help="timed seconds per model and round, at least (default 0.5)")  # fmt: skip
+                    help="timed seconds per pair of models and round, at least (default 1)")  # fmt: skip
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--device", default="cpu", help="where to plan and time (cpu, cuda)")
     args = ap.parse_args(argv)
@@ -188,7 +207,7 @@ def main(argv=None) -> int:
     rounds = args.rounds or (1 if quick else 3)
     repeats = args.repeats or (3 if quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
-    min_time = args.min_time if args.min_time is not None else (0.0 if quick else 0.5)
+    min_time = args.min_time if args.min_time is not None else (0.0 if quick else 1.0)
     rows = []
     for batch in (1, args.batch):
         variants = [Variant(a, t, r) for a in args.models for t, r in PLANS]
@@ -200,12 +219,12 @@ def main(argv=None) -> int:
                 print(f"batch {batch} {v.arch} {v.label}: not planned: {e}", file=sys.stderr)
                 variants.remove(v)
         models = {v: m for v, (m, _) in built.items()}
-        lat = time_models(models, sizes, batch, rounds, warmup, repeats, min_time or None)
+        lat = time_models(models, sizes, batch, rounds, warmup, repeats, min_time)
         for v in variants:
             base = Variant(v.arch)
             size = (1, 3, sizes[v.arch], sizes[v.arch])
             macs_ratio = count(models[v], size).macs / count(models[base], size).macs
-            ratio = lat[v] / lat[base]
+            ratio = lat[v][1]
             p = built[v][1]
             pruned = v.target is not None
             pred = p.stats.get("latency") if p is not None else None
@@ -218,7 +237,7 @@ def main(argv=None) -> int:
                     batch=batch,
                     pruned=pruned,
                     macs_ratio=macs_ratio,
-                    latency_ms=lat[v],
+                    latency_ms=lat[v][0],
                     latency_ratio=ratio,
                     predicted_ratio=predicted,
                     prediction_error=(predicted - ratio) / ratio,
@@ -229,9 +248,9 @@ def main(argv=None) -> int:
             )
     print(
         f"torch {torch.__version__}, {where}; scores random; "
-        f"{rounds} rounds x {repeats} runs, at least {min_time:g} s (warm-up {warmup}); "
-        f"latencies = median of round "
-        f"medians; MACs = conv+linear, batch 1; targets: round_to=auto latency ratio <= "
+        f"{rounds} rounds x {repeats} turns, at least {min_time:g} s (warm-up {warmup}); "
+        f"ratios = median over rounds of the median ratio of adjacent turns, latencies = "
+        f"median of round medians; MACs = conv+linear, batch 1; targets: round_to=auto latency ratio <= "
         f"{AUTO_FACTOR} x MACs ratio; latency=F achieved within {LATENCY_SLACK - 1:.0%} of F"
     )
     print(table(rows))

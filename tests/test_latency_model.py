@@ -426,8 +426,9 @@ def test_latency_corrections_stay_inside_the_bracket_of_over_and_undershoots():
 
 def test_interleaved_timing_cancels_the_machine_slowing_down(monkeypatch):
     """Halfway through, every run takes 50 % longer (a neighbour's job starts): the ratio of
-    adjacent runs (A, B, A, B, ...) is still the true 0.5. Two medians taken one after the
-    other (the unpruned model, then the pruned one) would read 0.75."""
+    adjacent turns (A, B, A, B, ...) is still the true 0.5. Two medians taken one after the
+    other (the unpruned model, then the pruned one) read 0.75. Runs shorter than a block are
+    timed k at a time after an untimed run."""
     from chip import latency
 
     runs, slow_after = [], [100]
@@ -442,19 +443,24 @@ def test_interleaved_timing_cancels_the_machine_slowing_down(monkeypatch):
             return x
 
     def timer(run):
+        first = len(runs)
         run()
-        return runs[-1] * (1.5 if len(runs) > slow_after[0] else 1.0)
+        return sum(runs[first:]) * (1.5 if len(runs) > slow_after[0] else 1.0)
 
     monkeypatch.setattr(latency, "_cpu_timer", timer)
     base, pruned = Cost(10.0), Cost(5.0)
-    ta, tb = latency.interleaved_ms([base, pruned], (1, 3, 4, 4), min_time_s=1.5, warmup=2)
-    assert runs[:4] == [10.0, 10.0, 5.0, 5.0] and runs[4:8] == [10.0, 5.0, 10.0, 5.0]
-    assert len(ta) == len(tb) and sum(ta) + sum(tb) >= 1500 and max(ta) == 15.0
+    ta, tb = latency.interleaved_ms([base, pruned], (1, 3, 4, 4), min_time_s=1.5, warmup=2,
+                                    block_ms=20.0)  # fmt: skip
+    # warm-up and the first timed run, then turns: 1 untimed + 2 timed runs of base (10 ms
+    # fill 20 ms), 1 + 4 of pruned
+    assert runs[:6] == [10.0] * 3 + [5.0] * 3 and runs[6:9] == [10.0] * 3
+    assert runs[9:14] == [5.0] * 5 and runs[14:17] == [10.0] * 3
+    assert len(ta) == len(tb) and set(ta) == {10.0, 15.0} and set(tb) == {5.0, 7.5}
     assert float(np.median(np.asarray(tb) / np.asarray(ta))) == pytest.approx(0.5)
     runs.clear()  # one after the other: the slow part falls mostly on the pruned model
     slow_after[0] = 30
-    sequential = [latency.interleaved_ms([m], (1, 3, 4, 4), min_time_s=0.5, warmup=0)[0]
-                  for m in (base, pruned)]  # fmt: skip
+    sequential = [latency.interleaved_ms([m], (1, 3, 4, 4), min_time_s=0.5, warmup=0,
+                                         block_ms=1.0)[0] for m in (base, pruned)]  # fmt: skip
     assert np.median(sequential[1]) / np.median(sequential[0]) == pytest.approx(0.75)
 
 
