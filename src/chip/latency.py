@@ -262,10 +262,7 @@ def _median_ms(run: Callable[[], object], timer: Callable, samples: int = 5) -> 
     while k * one < _SAMPLE_MS and k < _MAX_LOOP:
         k *= 2
 
-    def loop():
-        for _ in range(k):
-            run()
-
+    loop = functools.partial(_repeat, run, k)
     return float(np.median([timer(loop) / k for _ in range(samples)]))
 
 
@@ -422,8 +419,8 @@ def meet_latency(
 
     ``solve_at(f)`` returns ``(widths, record)`` for a predicted budget ``f``; ``compare(a, b)``
     times the model pruned to widths ``a`` and ``b`` (``None``: unpruned) against each other and
-    returns ``(ms of a, ms of b, ratio b / a)`` (:func:`compare_widths`: runs interleaved one by
-    one, the ratio the median of adjacent pairs', so that the machine's drift cancels). Each
+    returns ``(ms of a, ms of b, ratio b / a)`` (:func:`compare_widths`: the two timed in turns,
+    the ratio the median over adjacent turns, so that the machine's drift cancels). Each
     round compares the unpruned model with the solved widths, and aims the next at the middle
     of the band
     ``[fraction * (1 - tolerance), fraction]``: proportionally after the first round, then along
@@ -482,8 +479,8 @@ def faster_widths(
     steps and its give-back) or ``plain`` (what ``round_to=1`` gives for the same target, no
     latency table); ``compare`` as for :func:`meet_latency`.
 
-    ``"step 1"`` wins only when the median ratio of its runs to auto's adjacent runs is strictly
-    below 1. Returns ``(winner, {"auto_ms", "step1_ms", "kept"})``: a table predicts,
+    ``"step 1"`` wins only when the median ratio of its turns to auto's adjacent turns is
+    strictly below 1. Returns ``(winner, {"auto_ms", "step1_ms", "kept"})``: a table predicts,
     and at a small batch its plan can measure slower (ResNet-56 and ResNet-50 at batch 1 on one
     CPU thread: 3-10 % slower than ``round_to=1``), and ``round_to="auto"`` must never cost
     time.
@@ -531,7 +528,7 @@ def compare_widths(model: nn.Module, graph, input_size, min_time_s: float = 1.0)
     """``compare`` for :func:`meet_latency` and :func:`faster_widths`: ``compare(a, b)`` times
     ``model`` (widths ``None``) or copies pruned to widths ``a`` and ``b`` with
     :func:`interleaved_ms` and returns ``(median ms of a, median ms of b, ratio)``, the ratio
-    the median of ``b / a`` over adjacent pairs of runs."""
+    the median of ``b / a`` over adjacent turns."""
     from .prune import apply
 
     def build(widths):
@@ -582,10 +579,16 @@ def interleaved_ms(
             for t, (run, k) in zip(times, turns):
                 if k > 1:
                     run()  # untimed: warms the caches after the other model's turn
-                ms = timer(lambda run=run, k=k: [run() for _ in range(k)])
+                ms = timer(functools.partial(_repeat, run, k))
                 spent += ms
                 t.append(ms / k)
     return times
+
+
+def _repeat(run: Callable[[], object], k: int) -> None:
+    """``run()`` ``k`` times (one timed sample of ``k`` runs)."""
+    for _ in range(k):
+        run()
 
 
 def _channels(module: nn.Module) -> tuple[int, int]:
