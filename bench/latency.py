@@ -20,8 +20,8 @@ in turn with its unpruned model (:func:`chip.latency.interleaved_ms`: ``torch.in
 eval mode, warm-up runs, then at least ``--repeats`` turns each and ``--min-time`` seconds in
 all, a short run repeated to fill 20 ms per turn), the order of the models reversed every other
 round; a latency ratio is the median over the rounds of the median ratio of adjacent turns (the
-machine's drift cancels), a latency the median over the rounds of the median turn. Targets: with ``round_to=auto`` the
-latency ratio is at most 1.1 x the MACs ratio; ``latency=0.5`` is met within 5 % either way
+machine's drift cancels), a latency the median over the rounds of the median turn. Targets:
+with ``round_to=auto`` the latency ratio is at most 1.1 x the MACs ratio; ``latency=0.5`` is met within 5 % either way
 (0.475 <= ratio <= 0.525: a plan far below the budget has thrown away channels it could keep).
 The prediction error of chip's table is printed for every pruned row; a ``round_to=auto`` row
 says which plan chip kept after timing it against the plan ``round_to=1`` gives (``kept: auto``
@@ -48,7 +48,7 @@ import chip.models as M
 from chip.counting import count
 from chip.errors import ChipError
 from chip.groups import find_groups
-from chip.latency import first_channels_plan, interleaved_ms
+from chip.latency import compare_models, first_channels_plan
 from chip.planning import plan
 from chip.prune import apply
 
@@ -86,12 +86,10 @@ def build(variant: Variant, size: int, batch: int, device: str = "cpu", seed: in
     """(model pruned by ``variant`` with random scores, planned and timed on ``device``; plan
     or None)."""
     model = BUILDERS[variant.arch]().eval().to(device)
-    if variant.target is None:
+    if variant.target in (None, COPY):  # the copy: a second fresh unpruned model
         return model, None
     input_size = (1, 3, size, size)
     graph = find_groups(model, torch.zeros(input_size, device=device))
-    if variant.target == COPY:
-        return model, None
     if variant.target == FEWEST:
         fewest = first_channels_plan(graph, {g.name: g.width(1) for g in graph}, input_size)
         return apply(model, fewest, inplace=True, graph=graph), None
@@ -113,18 +111,19 @@ def time_models(
 ) -> dict[Variant, tuple[float, float]]:
     """Per variant, (latency in ms, ratio to its unpruned model), each the median over ``rounds``
     rounds. In a round every other model is timed in turn with its architecture's unpruned model
-    (:func:`chip.latency.interleaved_ms`: adjacent turns a few ms apart, the ratio the median of
+    (:func:`chip.latency.compare_models`: adjacent turns a few ms apart, the ratio the median of
     the turns' ratios, so the machine's drift cancels), the order reversed every other round."""
     ms: dict[Variant, list[float]] = {v: [] for v in models}
     ratios: dict[Variant, list[float]] = {v: [] for v in models}
     for r in range(rounds):
         for v in [v for v in models if v.target is not None][:: 1 if r % 2 == 0 else -1]:
             base, size = Variant(v.arch), sizes[v.arch]
-            tb, tv = interleaved_ms([models[base], models[v]], (batch, 3, size, size),
-                                    min_time_s=min_time_s, warmup=warmup, repeats=repeats)  # fmt: skip
-            ms[base].append(statistics.median(tb))
-            ms[v].append(statistics.median(tv))
-            ratios[v].append(statistics.median(b / a for a, b in zip(tb, tv)))
+            base_ms, v_ms, ratio = compare_models(models[base], models[v], (batch, 3, size, size),
+                                                  min_time_s=min_time_s, warmup=warmup,
+                                                  repeats=repeats)  # fmt: skip
+            ms[base].append(base_ms)
+            ms[v].append(v_ms)
+            ratios[v].append(ratio)
             print(
                 f"  round {r + 1}/{rounds} batch {batch:3d} {v.arch:9s} {v.label:28s} "
                 f"{ms[v][-1]:10.2f} ms, ratio {ratios[v][-1]:.3f}",
@@ -250,8 +249,8 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, {where}; scores random; "
         f"{rounds} rounds x {repeats} turns, at least {min_time:g} s (warm-up {warmup}); "
         f"ratios = median over rounds of the median ratio of adjacent turns, latencies = "
-        f"median of round medians; MACs = conv+linear, batch 1; targets: round_to=auto latency ratio <= "
-        f"{AUTO_FACTOR} x MACs ratio; latency=F achieved within {LATENCY_SLACK - 1:.0%} of F"
+        f"median of round medians; MACs = conv+linear, batch 1; targets: round_to=auto latency "
+        f"ratio <= {AUTO_FACTOR} x MACs ratio; latency=F achieved within {LATENCY_SLACK - 1:.0%} of F"
     )
     print(table(rows))
     if args.json:

@@ -33,6 +33,7 @@ from chip.utils import AMP_DTYPES, device_dtype, eval_mode
 __all__ = [
     "LatencyResult",
     "LatencyTable",
+    "compare_models",
     "compare_widths",
     "detect_step",
     "first_channels_plan",
@@ -395,10 +396,8 @@ def first_channels_plan(graph, widths: Mapping[str, int], input_size):
 def _pruned_ms(
     model: nn.Module, graph, widths: dict[str, int], input_size, min_time_s: float | None = None
 ) -> float:
-    """Median ms of a copy of ``model`` with every group cut to ``widths`` (first channels)."""
-    from .prune import apply
-
-    pruned = apply(model, first_channels_plan(graph, widths, input_size), verify=False)
+    """Median ms of :func:`_pruned_copy` of ``model``."""
+    pruned = _pruned_copy(model, graph, widths, input_size)
     return measure_latency(
         pruned, input_size, warmup=3, repeats=10, min_time_s=min_time_s
     ).median_ms
@@ -528,20 +527,31 @@ def compare_widths(model: nn.Module, graph, input_size, min_time_s: float = 1.0)
     """``compare`` for :func:`meet_latency` and :func:`faster_widths`: ``compare(a, b)`` times
     ``model`` (widths ``None``) or copies pruned to widths ``a`` and ``b`` with
     :func:`interleaved_ms` and returns ``(median ms of a, median ms of b, ratio)``, the ratio
-    the median of ``b / a`` over adjacent turns."""
-    from .prune import apply
+    the median of ``b / a`` over adjacent turns (:func:`compare_models`)."""
 
     def build(widths):
-        if widths is None:
-            return model
-        return apply(model, first_channels_plan(graph, widths, input_size), verify=False)
+        return model if widths is None else _pruned_copy(model, graph, widths, input_size)
 
     def compare(a: dict | None, b: dict | None) -> tuple[float, float, float]:
-        ta, tb = interleaved_ms([build(a), build(b)], input_size, min_time_s=min_time_s)
-        ratio = float(np.median(np.asarray(tb) / np.asarray(ta)))
-        return float(np.median(ta)), float(np.median(tb)), ratio
+        return compare_models(build(a), build(b), input_size, min_time_s=min_time_s)
 
     return compare
+
+
+def compare_models(a: nn.Module, b: nn.Module, input_size, **timing) -> tuple[float, float, float]:
+    """``(median ms of a, median ms of b, ratio)`` of two models timed in turns by
+    :func:`interleaved_ms` (``timing``: its keyword arguments), the ratio the median of ``b / a``
+    over adjacent turns."""
+    ta, tb = interleaved_ms([a, b], input_size, **timing)
+    ratio = float(np.median(np.asarray(tb) / np.asarray(ta)))
+    return float(np.median(ta)), float(np.median(tb)), ratio
+
+
+def _pruned_copy(model: nn.Module, graph, widths: dict[str, int], input_size) -> nn.Module:
+    """A copy of ``model`` with every group cut to ``widths`` (its first channels)."""
+    from .prune import apply
+
+    return apply(model, first_channels_plan(graph, widths, input_size), verify=False)
 
 
 def interleaved_ms(
