@@ -540,8 +540,9 @@ def compare_widths(model: nn.Module, graph, input_size, min_time_s: float = 1.0)
 
 def compare_models(a: nn.Module, b: nn.Module, input_size, **timing) -> tuple[float, float, float]:
     """``(median ms of a, median ms of b, ratio)`` of two models timed in turns by
-    :func:`interleaved_ms` (``timing``: its keyword arguments), the ratio the median of ``b / a``
-    over adjacent turns."""
+    :func:`interleaved_ms` on one input of ``input_size`` = (batch, channels, *spatial), batch
+    included (``timing``: its keyword arguments), the ratio the median of ``b / a`` over
+    adjacent turns."""
     ta, tb = interleaved_ms([a, b], input_size, **timing)
     ratio = float(np.median(np.asarray(tb) / np.asarray(ta)))
     return float(np.median(ta)), float(np.median(tb)), ratio
@@ -558,8 +559,8 @@ def interleaved_ms(
     models: Sequence[nn.Module], input_size, *, min_time_s: float = 1.0, warmup: int = 3,
     repeats: int = 10, block_ms: float = 20.0,
 ) -> list[list[float]]:  # fmt: skip
-    """Ms per run of ``models`` timed in turn (A, B, A, B, ...) on one input of ``input_size`` on
-    the first model's device, in eval and inference mode, after ``warmup`` untimed runs of each,
+    """Ms per run of ``models`` timed in turn (A, B, A, B, ...) on one input of ``input_size`` =
+    (batch, channels, *spatial), batch included, on the first model's device, in eval and inference mode, after ``warmup`` untimed runs of each,
     until each has had ``repeats`` turns and all turns together last ``min_time_s`` seconds.
 
     A turn times one run, or, for a model whose run is shorter than ``block_ms``, one untimed run
